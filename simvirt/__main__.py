@@ -1,0 +1,3 @@
+from simvirt.cli import main
+
+raise SystemExit(main())

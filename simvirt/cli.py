@@ -1,0 +1,112 @@
+"""The ``simvirt`` command line.
+
+``simvirt device blk``  a standalone vhost-user-blk backend (QEMU can use it)
+``simvirt bench blk``   drive a blk backend with the simvirt guest driver
+``simvirt run``         a whole machine from a TOML config
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from simvirt.sizes import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="simvirt", description="A virtio lab: guest drivers and vhost-user devices as real processes.")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for protocol traces)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("device", help="run a standalone vhost-user device backend")
+    dsub = dev.add_subparsers(dest="device", required=True)
+    blk = dsub.add_parser("blk", help="vhost-user-blk backend")
+    blk.add_argument("--socket", required=True, help="unix socket path to listen on")
+    src = blk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="raw image file (created with --size if missing)")
+    src.add_argument("--null", type=_size, metavar="SIZE", help="null backend of SIZE (reads leave buffers untouched)")
+    src.add_argument("--memory", type=_size, metavar="SIZE", help="RAM disk of SIZE")
+    blk.add_argument("--size", type=_size, help="with --image: create/extend the image to SIZE")
+    blk.add_argument("--readonly", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
+    blk.add_argument("--serial", default="simvirt", help="GET_ID serial (up to 20 bytes)")
+    blk.add_argument("--num-queues", type=_positive_int, default=1, help="request queues offered (VIRTIO_BLK_F_MQ)")
+    blk.add_argument("--seg-max", type=_positive_int, default=254)
+    blk.add_argument("--size-max", type=_size, default=1 << 20)
+    blk.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
+    blk.add_argument("--metrics-addr", default="127.0.0.1")
+    blk.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    bb = bsub.add_parser("blk", help="block I/O through the simvirt guest driver")
+    target = bb.add_mutually_exclusive_group()
+    target.add_argument("--connect", metavar="SOCKET", help="drive an existing vhost-user-blk backend")
+    target.add_argument("--backend", default="null", help="null | memory | file:PATH (simvirt starts its own device)")
+    bb.add_argument("--rw", choices=["read", "write", "randread", "randwrite", "randrw"], default="randread")
+    bb.add_argument("--bs", type=_size, default=4096)
+    bb.add_argument("--iodepth", type=_positive_int, default=32)
+    bb.add_argument("--runtime", type=float, default=5.0, help="seconds")
+    bb.add_argument("--size", type=_size, help="bytes of the disk to use (default: all, or 1G for own backends)")
+    bb.add_argument("--verify", nargs="?", const="data", choices=["data", "zeroes"],
+                    help="check data read back (data: what was written; zeroes: reads return zeros)")
+    bb.add_argument("--num-queues", type=_positive_int, default=1)
+    bb.add_argument("--queue-size", type=_positive_int, default=256)
+    bb.add_argument("--mix", type=int, default=50, help="randrw: percent reads")
+    bb.add_argument("--guest-ram", type=_size, default=None, help="guest RAM of the driver process")
+    bb.add_argument("--json", action="store_true", help="print one JSON object")
+
+    run = sub.add_parser("run", help="run a whole machine from a TOML config")
+    run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
+    run.add_argument("--duration", type=float, help="override the workload duration (seconds)")
+    run.add_argument("--metrics-port", type=int, help="one scrape address for the whole machine")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "device":
+            from simvirt.devices.cli import run_device_command
+            return run_device_command(args)
+        if args.command == "bench":
+            from simvirt.bench.cli import run_bench_command
+            return run_bench_command(args)
+        if args.command == "run":
+            from simvirt.machine.run import run_machine_command
+            return run_machine_command(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"simvirt: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

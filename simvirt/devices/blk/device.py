@@ -1,0 +1,330 @@
+"""virtio-blk device logic (virtio 1.2, section 5.2), transport-agnostic.
+
+Each chain is one request: a 16-byte device-readable header, data, and a
+trailing device-writable status byte. The parse accepts any framing (the
+header or status may share a descriptor with data), validates everything a
+guest controls (segment counts and sizes against seg_max/size_max, sector
+ranges against capacity, discard segments against their limits) and answers
+OK, IOERR or UNSUPP. A chain with no writable byte for a status cannot be
+answered; it is returned with length 0 and counted.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from simvirt import metrics
+from simvirt.devices.base import VirtioDevice
+from simvirt.devices.blk import spec as s
+from simvirt.devices.blk.storage import Storage
+from simvirt.memory.guest import GuestAddressError
+from simvirt.virtio.errors import ChainLayoutError, VirtqueueError
+from simvirt.virtio.queue import Queue
+from simvirt.virtio.spec import VIRTIO_ID_BLOCK, bit
+
+log = logging.getLogger(__name__)
+
+_UNPACK_HDR = s.OUTHDR.unpack_from
+_UNPACK_SEG = s.DISCARD_SEG.unpack_from
+
+
+class RequestError(Exception):
+    """A request we answer with a non-OK status, counted under ``reason``."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class BlkDevice(VirtioDevice):
+    device_id = VIRTIO_ID_BLOCK
+    name = "blk"
+    max_queue_size = 1024
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        serial: str = "simvirt",
+        num_queues: int = 1,
+        readonly: bool = False,
+        seg_max: int = 254,
+        size_max: int = 1 << 20,
+        blk_size: int = 512,
+        max_discard_sectors: int = 1 << 22,
+        max_discard_seg: int = 32,
+        vm: str = "standalone",
+        label: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_queues, vm=vm, device_label=label)
+        self.storage = storage
+        self.serial = serial.encode()[: s.VIRTIO_BLK_ID_BYTES]
+        self.readonly = readonly or storage.readonly
+        self.seg_max = seg_max
+        self.size_max = size_max
+        self.blk_size = blk_size
+        self.capacity = storage.size // s.SECTOR_SIZE
+        self.max_discard_sectors = min(max_discard_sectors, 0xFFFFFFFF)
+        self.max_discard_seg = max_discard_seg
+        self.writeback = 1
+        self._ops = {k: [0, 0] for k in s.OP_NAMES}  # requests, bytes per type since last flush
+        self._op_children = {
+            k: (metrics.REQUESTS.labels(vm, self.label, name), metrics.BYTES.labels(vm, self.label, name),
+                metrics.SERVICE_TIME.labels(vm, self.label, name))
+            for k, name in s.OP_NAMES.items()
+        }
+
+    # -- negotiation and config ------------------------------------------
+    def device_features(self) -> int:
+        f = super().device_features()
+        f |= bit(s.VIRTIO_BLK_F_SIZE_MAX) | bit(s.VIRTIO_BLK_F_SEG_MAX) | bit(s.VIRTIO_BLK_F_BLK_SIZE)
+        f |= bit(s.VIRTIO_BLK_F_TOPOLOGY) | bit(s.VIRTIO_BLK_F_FLUSH) | bit(s.VIRTIO_BLK_F_CONFIG_WCE)
+        f |= bit(s.VIRTIO_BLK_F_MQ) | bit(s.VIRTIO_BLK_F_DISCARD) | bit(s.VIRTIO_BLK_F_WRITE_ZEROES)
+        if self.readonly:
+            f |= bit(s.VIRTIO_BLK_F_RO)
+        return f
+
+    def config(self) -> bytes:
+        phys_exp = max(0, (self.blk_size // s.SECTOR_SIZE).bit_length() - 1)
+        return s.CONFIG.pack(
+            self.capacity,
+            self.size_max,
+            self.seg_max,
+            0, 0, 0,
+            self.blk_size,
+            phys_exp, 0, 1, 0,
+            self.writeback,
+            0,
+            self.num_queues,
+            self.max_discard_sectors,
+            self.max_discard_seg,
+            1,
+            self.max_discard_sectors,
+            self.max_discard_seg,
+            1,
+            0, 0, 0,
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        if offset == s.CONFIG_WRITEBACK_OFFSET and len(data) == 1:
+            self.writeback = 1 if data[0] else 0
+            log.info("%s: write cache %s", self.label, "on (writeback)" if self.writeback else "off (writethrough)")
+            return
+        raise ValueError(f"config write at {offset} (+{len(data)}) is not allowed; only writeback is writable")
+
+    def reset(self) -> None:
+        super().reset()
+        self.writeback = 1
+
+    # -- data path --------------------------------------------------------
+    def process_queue(self, index: int, queue: Queue, stats: metrics.QueueStats) -> None:
+        chains = queue.pop_chains()
+        if not chains:
+            return
+        t0 = time.perf_counter()
+        translate = queue.mem.translate
+        used = []
+        ndesc = 0
+        ops = self._ops
+        for chain in chains:
+            try:
+                descs = chain.descriptors()
+            except VirtqueueError as e:
+                self.bad_chain(chain, e)
+                used.append((chain.head, 0))
+                continue
+            ndesc += len(descs)
+            # Split into readable and writable views; readable ones must come first.
+            try:
+                rd = []
+                wr = []
+                for d in descs:
+                    if d.write:
+                        wr.append(translate(d.addr, d.len))
+                    elif wr:
+                        raise ChainLayoutError("device-readable descriptor after a writable one", "readable_after_writable")
+                    else:
+                        rd.append(translate(d.addr, d.len))
+            except GuestAddressError as e:
+                self._error("bad_address", str(e))
+                status = self._status_view(descs, translate)
+                if status is not None:
+                    status[0] = s.VIRTIO_BLK_S_IOERR
+                    used.append((chain.head, 1))
+                else:
+                    used.append((chain.head, 0))
+                continue
+            except ChainLayoutError as e:
+                self._error(e.reason, str(e))
+                if wr and len(wr[-1]):
+                    wr[-1][-1] = s.VIRTIO_BLK_S_IOERR
+                    used.append((chain.head, 1))
+                else:
+                    used.append((chain.head, 0))
+                continue
+            # Status: the last byte of the last writable buffer.
+            if not wr or not len(wr[-1]):
+                self._error("missing_status", f"chain {chain.head} has no writable status byte")
+                used.append((chain.head, 0))
+                continue
+            last = wr[-1]
+            status_view = last[-1:]
+            if len(last) > 1:
+                wr[-1] = last[:-1]
+            else:
+                wr.pop()
+            # Header: the first 16 readable bytes.
+            if rd and len(rd[0]) >= 16:
+                first = rd[0]
+                rtype, _, sector = _UNPACK_HDR(first)
+                if len(first) > 16:
+                    rd[0] = first[16:]
+                else:
+                    rd.pop(0)
+            else:
+                hdr = _gather(rd, 16)
+                if hdr is None:
+                    self._error("short_header", f"chain {chain.head}: header shorter than 16 bytes")
+                    status_view[0] = s.VIRTIO_BLK_S_IOERR
+                    used.append((chain.head, 1))
+                    continue
+                rtype, _, sector = _UNPACK_HDR(hdr)
+            try:
+                written = self._serve(rtype, sector, rd, wr)
+                status_view[0] = s.VIRTIO_BLK_S_OK
+                op = ops.get(rtype)
+                if op is not None:
+                    op[0] += 1
+                    op[1] += written if rtype != s.VIRTIO_BLK_T_OUT else sum(len(b) for b in rd)
+            except RequestError as e:
+                self._error(e.reason, str(e))
+                status_view[0] = e.status
+                written = 0
+            except OSError as e:
+                self._error("io_error", f"{s.OP_NAMES.get(rtype, rtype)} at sector {sector}: {e}")
+                status_view[0] = s.VIRTIO_BLK_S_IOERR
+                written = 0
+            used.append((chain.head, written + 1))
+        queue.add_used_many(used)
+        stats.chains += len(chains)
+        stats.descriptors += ndesc
+        self._flush_op_stats(time.perf_counter() - t0, len(chains))
+
+    def _flush_op_stats(self, elapsed: float, nchains: int) -> None:
+        per = elapsed / nchains
+        for rtype, op in self._ops.items():
+            if op[0]:
+                req, byt, svc = self._op_children[rtype]
+                req.inc(op[0])
+                if op[1]:
+                    byt.inc(op[1])
+                svc.observe(per)
+                op[0] = op[1] = 0
+
+    @staticmethod
+    def _status_view(descs: list, translate) -> Optional[memoryview]:
+        """The status byte of a chain whose data part failed to translate, if reachable."""
+        if descs and descs[-1].write and descs[-1].len:
+            d = descs[-1]
+            try:
+                return translate(d.addr + d.len - 1, 1)
+            except GuestAddressError:
+                return None
+        return None
+
+    def _error(self, reason: str, message: str) -> None:
+        log.warning("%s: %s", self.label, message)
+        metrics.count_error(self.vm, self.label, reason)
+
+    def _check_rw(self, sector: int, bufs: list[memoryview]) -> int:
+        if len(bufs) > self.seg_max:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "seg_max", f"{len(bufs)} data segments > seg_max {self.seg_max}")
+        total = 0
+        for b in bufs:
+            n = len(b)
+            if n > self.size_max:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "size_max", f"segment of {n} bytes > size_max {self.size_max}")
+            total += n
+        if total % s.SECTOR_SIZE:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "unaligned_length", f"data length {total} is not a multiple of 512")
+        if sector + total // s.SECTOR_SIZE > self.capacity:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "out_of_range",
+                               f"sectors [{sector}, +{total // s.SECTOR_SIZE}) beyond capacity {self.capacity}")
+        return total
+
+    def _serve(self, rtype: int, sector: int, rd: list[memoryview], wr: list[memoryview]) -> int:
+        """Execute one request; return bytes written into the chain (status excluded)."""
+        if rtype == s.VIRTIO_BLK_T_IN:
+            if rd:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "bad_layout", "read request with device-readable data")
+            total = self._check_rw(sector, wr)
+            self.storage.read(sector * s.SECTOR_SIZE, wr)
+            return total
+        if rtype == s.VIRTIO_BLK_T_OUT:
+            if self.readonly:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "read_only", "write to a read-only device")
+            if wr:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "bad_layout", "write request with device-writable data")
+            self._check_rw(sector, rd)
+            self.storage.write(sector * s.SECTOR_SIZE, rd)
+            if not self.writeback:
+                self.storage.flush()
+            return 0
+        if rtype == s.VIRTIO_BLK_T_FLUSH:
+            self.storage.flush()
+            return 0
+        if rtype == s.VIRTIO_BLK_T_GET_ID:
+            ident = self.serial.ljust(s.VIRTIO_BLK_ID_BYTES, b"\0")
+            done = 0
+            for b in wr:
+                n = min(len(b), len(ident) - done)
+                b[:n] = ident[done:done + n]
+                done += n
+                if done == len(ident):
+                    break
+            return done
+        if rtype in (s.VIRTIO_BLK_T_DISCARD, s.VIRTIO_BLK_T_WRITE_ZEROES):
+            return self._discard_or_zero(rtype, rd)
+        raise RequestError(s.VIRTIO_BLK_S_UNSUPP, "unsupported_request", f"request type {rtype} is not supported")
+
+    def _discard_or_zero(self, rtype: int, rd: list[memoryview]) -> int:
+        discard = rtype == s.VIRTIO_BLK_T_DISCARD
+        if self.readonly:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "read_only", "discard/write-zeroes on a read-only device")
+        data = b"".join(rd)
+        if not data or len(data) % s.DISCARD_SEG.size:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "bad_discard", f"discard/write-zeroes payload of {len(data)} bytes")
+        nseg = len(data) // s.DISCARD_SEG.size
+        if nseg > self.max_discard_seg:
+            raise RequestError(s.VIRTIO_BLK_S_IOERR, "bad_discard", f"{nseg} segments > max {self.max_discard_seg}")
+        segs = [_UNPACK_SEG(data, i * s.DISCARD_SEG.size) for i in range(nseg)]
+        for sector, num, flags in segs:
+            if flags & ~s.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
+                raise RequestError(s.VIRTIO_BLK_S_UNSUPP, "bad_discard_flags", f"segment flags {flags:#x}")
+            if num > self.max_discard_sectors:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "bad_discard", f"segment of {num} sectors > max {self.max_discard_sectors}")
+            if sector + num > self.capacity:
+                raise RequestError(s.VIRTIO_BLK_S_IOERR, "out_of_range", f"discard [{sector}, +{num}) beyond capacity")
+        for sector, num, flags in segs:
+            off, length = sector * s.SECTOR_SIZE, num * s.SECTOR_SIZE
+            if discard:
+                self.storage.discard(off, length)
+            else:
+                self.storage.write_zeroes(off, length, unmap=bool(flags & s.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+        return 0
+
+
+def _gather(bufs: list[memoryview], n: int) -> Optional[bytes]:
+    """Take the first ``n`` bytes off a list of buffers (consuming them), or None if short."""
+    out = bytearray()
+    while bufs and len(out) < n:
+        b = bufs[0]
+        take = min(len(b), n - len(out))
+        out += b[:take]
+        if take == len(b):
+            bufs.pop(0)
+        else:
+            bufs[0] = b[take:]
+    return bytes(out) if len(out) == n else None

@@ -1,0 +1,55 @@
+"""Run one device as its own OS process: uvloop, signals, metrics, reconnects."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable, Optional
+
+from simvirt import metrics
+from simvirt.devices.base import VirtioDevice
+from simvirt.vhost_user.server import VhostUserServer
+
+log = logging.getLogger(__name__)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: Optional[int] = None,
+                       metrics_addr: str = "127.0.0.1", on_ready: Optional[Callable[[], None]] = None) -> None:
+    """Serve ``device`` on ``socket_path`` until SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    server = VhostUserServer(device, socket_path, loop=loop)
+    server.listen()
+    port = metrics.serve(metrics_port, metrics_addr)
+    metrics.mark_process(device.vm, f"device-{device.name}")
+    log.info("%s: vhost-user backend listening on %s%s", device.label, socket_path,
+             f", metrics on {metrics_addr}:{port}" if port else "")
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    if on_ready is not None:
+        on_ready()
+    task = asyncio.ensure_future(server.serve_forever())
+    try:
+        done, _ = await asyncio.wait([stop, task], return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+    finally:
+        task.cancel()
+        server.close()
+        if server.session is not None:
+            server.session.close()
+        log.info("%s: stopped", device.label)
+
+
+def run_device(device: VirtioDevice, socket_path: str, **kw) -> int:
+    install_uvloop()
+    asyncio.run(serve_device(device, socket_path, **kw))
+    return 0

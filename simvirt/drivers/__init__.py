@@ -1,0 +1,1 @@
+"""Guest drivers: run in the driver process, over guest RAM they own."""

@@ -1,0 +1,1 @@
+"""vhost-user: sans-IO message codec, backend (device) server, frontend (driver) client."""

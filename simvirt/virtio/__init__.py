@@ -1,0 +1,1 @@
+"""Sans-IO virtio core: spec constants and split virtqueues over guest memory."""
