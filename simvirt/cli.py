@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
     blk.add_argument("--metrics-addr", default="127.0.0.1")
     blk.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
+    blk.add_argument("--poll-us", type=float, default=200.0,
+                     help="busy-poll the ring this long after a batch before sleeping (0 = never)")
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--queue-size", type=_positive_int, default=256)
     bb.add_argument("--mix", type=int, default=50, help="randrw: percent reads")
     bb.add_argument("--guest-ram", type=_size, default=None, help="guest RAM of the driver process")
+    bb.add_argument("--poll-us", type=float, default=50.0,
+                    help="driver busy-polls the used ring this long before sleeping on the interrupt (0 = never)")
     bb.add_argument("--json", action="store_true", help="print one JSON object")
 
     run = sub.add_parser("run", help="run a whole machine from a TOML config")

@@ -26,7 +26,8 @@ def run_device_command(args: argparse.Namespace) -> int:
         dev = BlkDevice(storage, serial=args.serial, num_queues=args.num_queues, readonly=args.readonly,
                         seg_max=args.seg_max, size_max=args.size_max, vm=args.vm)
         try:
-            return run_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
+            return run_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                              poll_us=args.poll_us)
         finally:
             storage.close()
     raise ValueError(f"unknown device {args.device}")

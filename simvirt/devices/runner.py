@@ -22,10 +22,10 @@ def install_uvloop() -> None:
 
 
 async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: Optional[int] = None,
-                       metrics_addr: str = "127.0.0.1", on_ready: Optional[Callable[[], None]] = None) -> None:
+                       metrics_addr: str = "127.0.0.1", poll_us: float = 0.0, on_ready: Optional[Callable[[], None]] = None) -> None:
     """Serve ``device`` on ``socket_path`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    server = VhostUserServer(device, socket_path, loop=loop)
+    server = VhostUserServer(device, socket_path, loop=loop, poll_us=poll_us)
     server.listen()
     port = metrics.serve(metrics_port, metrics_addr)
     metrics.mark_process(device.vm, f"device-{device.name}")

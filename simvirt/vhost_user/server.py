@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Optional
 
 from simvirt import metrics
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 
 
 class VhostUserServer:
-    def __init__(self, device: VirtioDevice, socket_path: str, *, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+    def __init__(self, device: VirtioDevice, socket_path: str, *, loop: Optional[asyncio.AbstractEventLoop] = None,
+                 poll_us: float = 0.0) -> None:
         self.device = device
+        # Like vhost-net's busyloop_timeout: after a batch, keep looking at the
+        # avail ring this long before re-arming notifications and sleeping.
+        self.poll_ns = int(poll_us * 1000)
         self.socket_path = socket_path
         self.loop = loop or asyncio.get_event_loop()
         self.listener: Optional[socket.socket] = None
@@ -89,7 +94,7 @@ class VhostUserServer:
                 pass
 
     def _drop(self, why: str) -> None:
-        log.warning("%s: dropping frontend: %s", self.device.label, why)
+        log.info("%s: dropping frontend: %s", self.device.label, why)
         if self._disconnected is not None and not self._disconnected.done():
             self._disconnected.set_result(None)
 
@@ -155,19 +160,30 @@ class VhostUserServer:
         self.run_queue(vr)
 
     def run_queue(self, vr: Vring) -> None:
+        """Drain the ring; interrupt once per batch; optionally busy-poll before sleeping."""
         queue = vr.queue
         stats = vr.stats
         assert queue is not None and stats is not None
         device = self.device
+        poll_ns = self.poll_ns
         total = 0
         try:
+            queue.disable_notification()
             while True:
-                queue.disable_notification()
                 before = stats.chains
                 device.process_queue(vr.index, queue, stats)
-                total += stats.chains - before
+                n = stats.chains - before
+                if n:
+                    total += n
+                    self._notify(vr)
+                    if vr.queue is not queue:  # the device stopped the ring meanwhile
+                        break
+                    continue
+                if poll_ns and _poll(queue, poll_ns):
+                    continue
                 if not queue.enable_notification():
                     break
+                queue.disable_notification()
         except VirtqueueError as e:
             # Ring-level corruption (e.g. a bogus avail idx): stop serving this ring.
             log.error("%s: queue %d broken: %s", device.label, vr.index, e)
@@ -176,8 +192,6 @@ class VhostUserServer:
             if session is not None:
                 session._stop(vr)
             return
-        if total:
-            self._notify(vr)
         stats.flush(total)
 
     def _notify(self, vr: Vring) -> None:
@@ -196,3 +210,15 @@ class VhostUserServer:
         vr = self.session.vrings[index]
         if vr.queue is not None:
             self._notify(vr)
+
+
+def _poll(queue, budget_ns: int) -> bool:
+    """Spin on the avail index for up to ``budget_ns``; True if work arrived."""
+    now = time.perf_counter_ns
+    deadline = now() + budget_ns
+    idx = queue.avail_idx
+    seen = queue.next_avail
+    while now() < deadline:
+        if idx() != seen:
+            return True
+    return False

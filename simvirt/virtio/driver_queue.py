@@ -89,7 +89,9 @@ class DriverQueue:
         if token is None:
             raise ValueError("token must not be None")
         desc = self._desc
-        if self.indirect and 1 < total <= self.indirect_max and self.num_free >= 1:
+        # Short chains go direct while the ring has room (cheaper to walk for
+        # both sides); long chains, or a crowded ring, use an indirect table.
+        if self.indirect and 1 < total <= self.indirect_max and (total > 4 or total > self.num_free) and self.num_free:
             head = self._free_head
             base = head * self.indirect_max
             ind = self._ind

@@ -74,32 +74,7 @@ class DescriptorChain:
 
         Raises a :class:`VirtqueueError` subclass on any malformed chain.
         """
-        q = self.queue
-        table = q._desc
-        size = q.size
-        out: list[Descriptor] = []
-        i = self.head
-        budget = size  # a chain may hold at most size descriptors in all
-        while True:
-            if i >= size:
-                raise InvalidDescriptorIndex(f"descriptor index {i} >= queue size {size}")
-            addr = table[2 * i]
-            w = table[2 * i + 1]
-            flags = (w >> 32) & 0xFFFF
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                if not q.indirect:
-                    raise InvalidIndirectTable("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise InvalidIndirectTable("descriptor has both INDIRECT and NEXT")
-                q._walk_indirect(addr, w & 0xFFFFFFFF, out, budget)
-                return out
-            out.append(Descriptor(addr, w & 0xFFFFFFFF, bool(flags & VIRTQ_DESC_F_WRITE)))
-            budget -= 1
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return out
-            if budget == 0:
-                raise DescriptorChainTooLong(f"chain from head {self.head} exceeds queue size {size} (loop?)")
-            i = w >> 48
+        return [Descriptor(a, n, bool(f & VIRTQ_DESC_F_WRITE)) for a, n, f in self.queue.walk(self.head)]
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors())
@@ -169,7 +144,47 @@ class Queue:
         self.next_avail = (start + n) & 0xFFFF
         return chains
 
-    def _walk_indirect(self, addr: int, length: int, out: list[Descriptor], budget: int) -> None:
+    def pop_heads(self) -> list[int]:
+        """Like :meth:`pop_chains` but returns bare head indices (the hot path)."""
+        n = self.pending()
+        ring = self._avail
+        mask = self.size - 1
+        start = self.next_avail
+        self.next_avail = (start + n) & 0xFFFF
+        return [ring[2 + ((start + k) & mask)] for k in range(n)]
+
+    def walk(self, head: int) -> list[tuple[int, int, int]]:
+        """The chain at ``head`` as raw ``(addr, len, flags)`` tuples, fully guarded.
+
+        Follows NEXT and one level of INDIRECT; a chain may hold at most
+        ``size`` descriptors in all, which is what catches loops.
+        """
+        table = self._desc
+        size = self.size
+        out: list[tuple[int, int, int]] = []
+        i = head
+        budget = size
+        while True:
+            if i >= size:
+                raise InvalidDescriptorIndex(f"descriptor index {i} >= queue size {size}")
+            w = table[2 * i + 1]
+            flags = (w >> 32) & 0xFFFF
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise InvalidIndirectTable("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise InvalidIndirectTable("descriptor has both INDIRECT and NEXT")
+                self._walk_indirect(table[2 * i], w & 0xFFFFFFFF, out, budget)
+                return out
+            out.append((table[2 * i], w & 0xFFFFFFFF, flags))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return out
+            budget -= 1
+            if budget == 0:
+                raise DescriptorChainTooLong(f"chain from head {head} exceeds queue size {size} (loop?)")
+            i = w >> 48
+
+    def _walk_indirect(self, addr: int, length: int, out: list[tuple[int, int, int]], budget: int) -> None:
         if length == 0 or length % 16:
             raise InvalidIndirectTable(f"indirect table length {length} is not a positive multiple of 16")
         count = length // 16
@@ -186,7 +201,7 @@ class Queue:
             flags = (w >> 32) & 0xFFFF
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise NestedIndirect("INDIRECT descriptor inside an indirect table")
-            out.append(Descriptor(a, w & 0xFFFFFFFF, bool(flags & VIRTQ_DESC_F_WRITE)))
+            out.append((a, w & 0xFFFFFFFF, flags))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             i = w >> 48
