@@ -64,7 +64,7 @@ def _device_args(backend: str, size: int) -> list[str]:
     raise ValueError(f"unknown backend {backend!r} (null, memory or file:PATH)")
 
 
-class _Run:
+class BlkWorkload:
     def __init__(self, o: BlkBenchOptions, drv: VirtioBlkDriver, mem: GuestMemory, alloc: PageAllocator, nblocks: int) -> None:
         self.o = o
         self.drv = drv
@@ -193,7 +193,7 @@ class _Run:
         return time.perf_counter() - t0
 
 
-async def _prefill(drv: VirtioBlkDriver, run: _Run, o: BlkBenchOptions) -> None:
+async def prefill(drv: VirtioBlkDriver, run: BlkWorkload, o: BlkBenchOptions) -> None:
     """For read workloads with --verify=data: write a pattern to every block first."""
     assert run.gen is not None
     sem = asyncio.Semaphore(o.iodepth)
@@ -206,7 +206,7 @@ async def _prefill(drv: VirtioBlkDriver, run: _Run, o: BlkBenchOptions) -> None:
     await asyncio.gather(*(one(b) for b in range(run.nblocks)))
 
 
-async def _readback(drv: VirtioBlkDriver, run: _Run, o: BlkBenchOptions) -> tuple[int, int]:
+async def readback(drv: VirtioBlkDriver, run: BlkWorkload, o: BlkBenchOptions) -> tuple[int, int]:
     assert run.gen is not None
     sem = asyncio.Semaphore(o.iodepth)
     bad = 0
@@ -252,24 +252,24 @@ async def run_blk_bench(o: BlkBenchOptions) -> dict:
             raise ValueError(f"disk of {capacity} bytes holds no {o.bs}-byte block")
         if drv.readonly and o.rw not in ("read", "randread"):
             raise ValueError("device is read-only; use --rw read or randread")
-        run = _Run(o, drv, mem, alloc, nblocks)
+        run = BlkWorkload(o, drv, mem, alloc, nblocks)
         if o.verify == "data" and o.rw in ("read", "randread", "randrw"):
-            await _prefill(drv, run, o)
+            await prefill(drv, run, o)
         qs0 = [(h.h.kicks, h.h.kicks_suppressed, h.h.interrupts) for h in drv.queues]
         cpu0 = os.times()
         elapsed = await run.run(o.runtime)
         cpu1 = os.times()
         qs1 = [(h.h.kicks, h.h.kicks_suppressed, h.h.interrupts) for h in drv.queues]
-        readback = (0, 0)
+        rb = (0, 0)
         if o.verify == "data" and run.written:
-            readback = await _readback(drv, run, o)
+            rb = await readback(drv, run, o)
         kicks = sum(b[0] - a[0] for a, b in zip(qs0, qs1))
         suppressed = sum(b[1] - a[1] for a, b in zip(qs0, qs1))
         irqs = sum(b[2] - a[2] for a, b in zip(qs0, qs1))
         verified: Optional[bool] = None
         if o.verify:
-            checked = run.verified_reads + readback[0]
-            verified = run.mismatches == 0 and readback[1] == 0 and run.errors == 0 and checked > 0
+            checked = run.verified_reads + rb[0]
+            verified = run.mismatches == 0 and rb[1] == 0 and run.errors == 0 and checked > 0
         result = {
             "benchmark": "blk",
             "backend": backend_desc,
@@ -286,7 +286,7 @@ async def run_blk_bench(o: BlkBenchOptions) -> dict:
             "errors": run.errors,
             "verified": verified,
             "verify": {"mode": o.verify, "reads_checked": run.verified_reads, "mismatches": run.mismatches,
-                       "blocks_read_back": readback[0], "read_back_mismatches": readback[1]} if o.verify else None,
+                       "blocks_read_back": rb[0], "read_back_mismatches": rb[1]} if o.verify else None,
             "kicks": kicks,
             "kicks_suppressed": suppressed,
             "interrupts": irqs,

@@ -155,6 +155,10 @@ class BackendSession:
             raise ProtocolError(f"frontend acked features {features & ~offered:#x} that were not offered")
         self.features = features
         self.device.set_features(features)
+        if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            # "Upon receiving SET_FEATURES without F_PROTOCOL_FEATURES the back-end must enable all rings immediately."
+            for vr in self.vrings:
+                vr.enabled = True
         for vr in self.vrings:
             if vr.queue is not None:
                 vr.queue.event_idx = bool(features & (1 << VIRTIO_F_EVENT_IDX))
@@ -215,6 +219,10 @@ class BackendSession:
         r = p.decode_single_region(msg.payload)
         if len(msg.fds) != 1:
             raise ProtocolError("ADD_MEM_REG needs exactly one fd")
+        for reg in self.mem.regions:
+            if (reg.gpa, reg.size, reg.user_addr) == (r.guest_phys_addr, r.memory_size, r.userspace_addr):
+                # QEMU sends the same region once per vhost_dev (e.g. per net queue pair).
+                return None
         if len(self.mem.regions) >= MAX_MEM_SLOTS:
             raise ProtocolError("no free memory slot")
         region = GuestMemory.map_fd(msg.fds.pop(), r.guest_phys_addr, r.memory_size,
@@ -342,8 +350,8 @@ class BackendSession:
     def _on_set_vring_enable(self, msg: Message) -> None:
         st = p.decode_vring_state(msg.payload)
         vr = self._vring(st.index)
-        if not self.protocol_features_negotiated:
-            raise ProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        # DPDK's virtio_user sends this even without VHOST_USER_F_PROTOCOL_FEATURES;
+        # libvhost-user accepts it, and so do we.
         if st.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE with value {st.num}")
         was_active = vr.active

@@ -1,0 +1,177 @@
+"""Machine configuration: TOML in, validated dataclasses out.
+
+Every mistake is reported with its location (``device[1].size: ...``) before
+anything starts, so a bad config never leaves half a machine running.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Optional
+
+from simvirt.sizes import parse_size
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BlkDeviceConfig:
+    name: str
+    backend: str = "memory"  # null | memory | file:PATH
+    size: int = 64 << 20
+    serial: str = ""
+    num_queues: int = 1
+    readonly: bool = False
+    type: str = "blk"
+
+    def device_args(self) -> list[str]:
+        args = []
+        if self.backend == "null":
+            args += ["--null", str(self.size)]
+        elif self.backend == "memory":
+            args += ["--memory", str(self.size)]
+        else:
+            args += ["--image", self.backend[5:], "--size", str(self.size)]
+        args += ["--serial", self.serial or self.name, "--num-queues", str(self.num_queues)]
+        if self.readonly:
+            args.append("--readonly")
+        return args
+
+
+@dataclass
+class BlkWorkloadConfig:
+    device: str
+    rw: str = "randread"
+    bs: int = 4096
+    iodepth: int = 16
+    verify: bool = False
+    mix: int = 50
+    size: Optional[int] = None
+
+
+@dataclass
+class MachineConfig:
+    name: str = "sim"
+    ram: int = 256 << 20
+    duration: float = 10.0
+    metrics_port: Optional[int] = None
+    devices: list[BlkDeviceConfig] = field(default_factory=list)
+    workloads: list[BlkWorkloadConfig] = field(default_factory=list)
+    source: str = "<default>"
+
+
+_RW = {"read", "write", "randread", "randwrite", "randrw"}
+
+
+def _take(d: dict[str, Any], where: str, key: str, kind: type | tuple, default: Any = None, required: bool = False) -> Any:
+    if key not in d:
+        if required:
+            raise ConfigError(f"{where}: missing required key '{key}'")
+        return default
+    v = d.pop(key)
+    if kind is bool and not isinstance(v, bool) or not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ConfigError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _size(d: dict[str, Any], where: str, key: str, default: Optional[int]) -> Optional[int]:
+    v = _take(d, where, key, (str, int), None)
+    if v is None:
+        return default
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{key}: {e}") from None
+
+
+def _no_extra(d: dict[str, Any], where: str) -> None:
+    if d:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(d))}")
+
+
+def parse_config(text: str, source: str = "<string>") -> MachineConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    cfg = MachineConfig(source=source)
+    m = dict(raw.pop("machine", {}))
+    cfg.name = _take(m, "machine", "name", str, "sim")
+    cfg.ram = _size(m, "machine", "ram", cfg.ram) or 0
+    cfg.metrics_port = _take(m, "machine", "metrics_port", int, None)
+    _no_extra(m, "machine")
+    if cfg.ram < 16 << 20 or cfg.ram % 4096:
+        raise ConfigError("machine.ram: must be a multiple of 4K and at least 16M")
+    r = dict(raw.pop("run", {}))
+    dur = _take(r, "run", "duration", (int, float), 10)
+    if dur <= 0:
+        raise ConfigError("run.duration: must be positive")
+    cfg.duration = float(dur)
+    _no_extra(r, "run")
+    names: set[str] = set()
+    for i, d in enumerate(raw.pop("device", [])):
+        where = f"device[{i}]"
+        d = dict(d)
+        typ = _take(d, where, "type", str, required=True)
+        if typ != "blk":
+            raise ConfigError(f"{where}.type: unknown device type {typ!r} (supported: blk)")
+        name = _take(d, where, "name", str, required=True)
+        if name in names:
+            raise ConfigError(f"{where}.name: duplicate device name {name!r}")
+        names.add(name)
+        backend = _take(d, where, "backend", str, "memory")
+        if backend not in ("null", "memory") and not (backend.startswith("file:") and len(backend) > 5):
+            raise ConfigError(f"{where}.backend: {backend!r} is not null, memory or file:PATH")
+        dev = BlkDeviceConfig(name=name, backend=backend, size=_size(d, where, "size", 64 << 20) or 0,
+                              serial=_take(d, where, "serial", str, name),
+                              num_queues=_take(d, where, "num_queues", int, 1),
+                              readonly=_take(d, where, "readonly", bool, False))
+        if dev.size < 512 or dev.size % 512:
+            raise ConfigError(f"{where}.size: must be a positive multiple of 512")
+        if not 1 <= dev.num_queues <= 64:
+            raise ConfigError(f"{where}.num_queues: must be 1..64")
+        _no_extra(d, where)
+        cfg.devices.append(dev)
+    for i, w in enumerate(raw.pop("workload", [])):
+        where = f"workload[{i}]"
+        w = dict(w)
+        dev_name = _take(w, where, "device", str, required=True)
+        if dev_name not in names:
+            raise ConfigError(f"{where}.device: no device named {dev_name!r}")
+        wl = BlkWorkloadConfig(device=dev_name, rw=_take(w, where, "rw", str, "randread"),
+                               bs=_size(w, where, "bs", 4096) or 0, iodepth=_take(w, where, "iodepth", int, 16),
+                               verify=_take(w, where, "verify", bool, False), mix=_take(w, where, "mix", int, 50),
+                               size=_size(w, where, "size", None))
+        if wl.rw not in _RW:
+            raise ConfigError(f"{where}.rw: {wl.rw!r} is not one of {', '.join(sorted(_RW))}")
+        if wl.bs <= 0 or wl.bs % 512:
+            raise ConfigError(f"{where}.bs: must be a positive multiple of 512")
+        if not 1 <= wl.iodepth <= 256:
+            raise ConfigError(f"{where}.iodepth: must be 1..256")
+        if not 0 <= wl.mix <= 100:
+            raise ConfigError(f"{where}.mix: must be 0..100")
+        dev = next(d for d in cfg.devices if d.name == dev_name)
+        if dev.readonly and wl.rw not in ("read", "randread"):
+            raise ConfigError(f"{where}: device {dev_name!r} is read-only but rw is {wl.rw!r}")
+        _no_extra(w, where)
+        cfg.workloads.append(wl)
+    if raw:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(raw))}")
+    if not cfg.devices:
+        raise ConfigError(f"{source}: no [[device]] defined")
+    return cfg
+
+
+def load_config(path: Optional[str]) -> MachineConfig:
+    if path is None:
+        text = resources.files("simvirt").joinpath("configs/default.toml").read_text()
+        return parse_config(text, "<embedded default.toml>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(text, path)

@@ -1,0 +1,195 @@
+"""``simvirt run``: start the device processes a config names, drive them, report.
+
+This process is the guest: it owns guest RAM (one named shared-memory
+segment that every device process maps through vhost-user), runs one
+virtio-blk driver per disk, and runs the configured workloads on them with
+a live progress display and a summary at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from simvirt import metrics
+from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
+from simvirt.bench.procs import DeviceProcess
+from simvirt.bench.stats import percentiles_us
+from simvirt.devices.runner import install_uvloop
+from simvirt.drivers.blk import VirtioBlkDriver
+from simvirt.drivers.transport import VhostUserTransport
+from simvirt.machine.config import MachineConfig, load_config
+from simvirt.machine.federate import FederatingCollector
+from simvirt.memory import GuestMemory, PageAllocator
+from simvirt.sizes import format_size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Machine:
+    def __init__(self, cfg: MachineConfig, console: Console) -> None:
+        self.cfg = cfg
+        self.console = console
+        self.workdir = tempfile.mkdtemp(prefix=f"simvirt-{cfg.name}-")
+        self.procs: dict[str, DeviceProcess] = {}
+        self.drivers: dict[str, VirtioBlkDriver] = {}
+        self.metric_targets: dict[str, str] = {}
+        self.mem: Optional[GuestMemory] = None
+        self.alloc: Optional[PageAllocator] = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.cfg
+        self.mem = GuestMemory.create_shared(cfg.ram, name=f"simvirt-{cfg.name}-{os.getpid()}")
+        self.alloc = PageAllocator(0, cfg.ram)
+        for dev in cfg.devices:
+            port = free_port()
+            sock = os.path.join(self.workdir, f"{dev.name}.sock")
+            self.procs[dev.name] = DeviceProcess(
+                dev.type, dev.device_args() + ["--vm", cfg.name, "--metrics-port", str(port)],
+                socket_path=sock, log_path=os.path.join(self.workdir, f"{dev.name}.log"))
+            self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
+        for dev in cfg.devices:
+            sock = self.procs[dev.name].wait_ready()
+            drv = VirtioBlkDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
+                                  num_queues=dev.num_queues)
+            drv.probe(loop)
+            self.drivers[dev.name] = drv
+            self.console.log(f"{dev.name}: virtio-blk {format_size(drv.capacity_bytes)} serial={dev.serial or dev.name} "
+                             f"queues={len(drv.queues)} ({dev.backend}) pid={self.procs[dev.name].proc.pid}")
+
+    def stop(self) -> None:
+        for drv in self.drivers.values():
+            try:
+                drv.close()
+            except OSError:
+                pass
+        for p in self.procs.values():
+            p.stop()
+        if self.mem is not None:
+            self.mem.close()
+
+
+def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], elapsed: float, last: dict) -> Table:
+    t = Table(title=f"simvirt machine '{cfg.name}'  {elapsed:5.1f}/{cfg.duration:.0f} s")
+    for col in ("workload", "device", "IOPS", "MB/s", "ios", "errors", "in flight"):
+        t.add_column(col, justify="right" if col not in ("workload", "device") else "left")
+    now = time.monotonic()
+    for i, (name, run) in enumerate(runs):
+        prev_t, prev_ios, prev_bytes = last.get(i, (now, 0, 0))
+        dt = max(now - prev_t, 1e-6)
+        t.add_row(f"{i}:{run.o.rw} {format_size(run.o.bs)} qd{run.o.iodepth}", name,
+                  f"{(run.ios - prev_ios) / dt:,.0f}", f"{(run.bytes - prev_bytes) / dt / 1e6:,.1f}",
+                  f"{run.ios:,}", str(run.errors), str(run.inflight))
+        last[i] = (now, run.ios, run.bytes)
+    return t
+
+
+async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console) -> dict:
+    loop = asyncio.get_running_loop()
+    m = Machine(cfg, console)
+    port = metrics_port if metrics_port is not None else cfg.metrics_port
+    metrics.mark_process(cfg.name, "driver")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        m.start(loop)
+        if port is not None:
+            metrics.REGISTRY.register(FederatingCollector(m.metric_targets))
+            bound = metrics.serve(port)
+            console.log(f"metrics for the whole machine on http://127.0.0.1:{bound}/metrics")
+        runs: list[tuple[str, BlkWorkload]] = []
+        for wl in cfg.workloads:
+            drv = m.drivers[wl.device]
+            o = BlkBenchOptions(rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth, runtime=cfg.duration,
+                                size=wl.size, verify="data" if wl.verify else None, mix=wl.mix)
+            assert m.mem is not None and m.alloc is not None
+            cap = drv.capacity_bytes
+            nblocks = min(wl.size or cap, cap) // wl.bs
+            run = BlkWorkload(o, drv, m.mem, m.alloc, nblocks)
+            if o.verify and o.rw in ("read", "randread", "randrw"):
+                console.log(f"{wl.device}: writing verification pattern to {format_size(nblocks * wl.bs)}")
+                await prefill(drv, run, o)
+            runs.append((wl.device, run))
+        t0 = time.monotonic()
+        tasks = [asyncio.ensure_future(run.run(cfg.duration)) for _, run in runs]
+        last: dict = {}
+        if progress and runs:
+            with Live(_progress_table(cfg, runs, 0.0, last), console=console, refresh_per_second=4) as live:
+                while not all(t.done() for t in tasks) and not stop.is_set():
+                    await asyncio.wait(tasks, timeout=0.5)
+                    live.update(_progress_table(cfg, runs, time.monotonic() - t0, last))
+        else:
+            while not all(t.done() for t in tasks) and not stop.is_set():
+                await asyncio.wait(tasks, timeout=0.5)
+        if stop.is_set():
+            for _, run in runs:
+                run.stop_at = 0
+            await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - t0
+        results = []
+        ok = True
+        for (dev, run), task in zip(runs, tasks):
+            rb = (0, 0)
+            if run.o.verify and run.written:
+                rb = await readback(m.drivers[dev], run, run.o)
+            verified = None
+            if run.o.verify:
+                verified = run.mismatches == 0 and rb[1] == 0 and run.errors == 0
+            ok = ok and not run.errors and verified is not False
+            results.append({
+                "device": dev, "rw": run.o.rw, "bs": run.o.bs, "iodepth": run.o.iodepth,
+                "ios": run.ios, "iops": round(run.ios / elapsed, 1), "bw_bytes": round(run.bytes / elapsed, 1),
+                "lat_us": percentiles_us(run.lat), "errors": run.errors, "verified": verified,
+                "reads_checked": run.verified_reads, "blocks_read_back": rb[0],
+            })
+        return {"machine": cfg.name, "config": cfg.source, "duration_s": round(elapsed, 2),
+                "devices": [{"name": d.name, "type": d.type, "backend": d.backend, "size": d.size,
+                             "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
+                "workloads": results, "ok": ok}
+    finally:
+        m.stop()
+
+
+def _summary(console: Console, r: dict) -> None:
+    t = Table(title=f"summary: machine '{r['machine']}' ({r['config']}), {r['duration_s']} s")
+    for col in ("device", "workload", "IOPS", "MB/s", "p50 us", "p99 us", "errors", "verified"):
+        t.add_column(col)
+    for w in r["workloads"]:
+        t.add_row(w["device"], f"{w['rw']} {format_size(w['bs'])} qd{w['iodepth']}", f"{w['iops']:,.0f}",
+                  f"{w['bw_bytes'] / 1e6:,.1f}", str(w["lat_us"]["p50"]), str(w["lat_us"]["p99"]),
+                  str(w["errors"]), {None: "-", True: "yes", False: "NO"}[w["verified"]])
+    console.print(t)
+    console.print("[bold green]OK[/]" if r["ok"] else "[bold red]FAILED[/]")
+
+
+def run_machine_command(args: argparse.Namespace) -> int:
+    install_uvloop()
+    cfg = load_config(args.config)
+    if args.duration is not None:
+        if args.duration <= 0:
+            raise ValueError("--duration must be positive")
+        cfg.duration = args.duration
+    console = Console(stderr=args.json)
+    result = asyncio.run(run_machine(cfg, metrics_port=args.metrics_port,
+                                     progress=not args.no_progress and console.is_terminal, console=console))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _summary(console, result)
+    return 0 if result["ok"] else 1
