@@ -109,7 +109,7 @@ class VirtioBlkDriver:
         self.loop = loop
         t.start()
         t.negotiate(self.wanted_features)
-        self.config = BlkConfig.parse(t.read_config(0, s.CONFIG.size))
+        self.config = BlkConfig.parse(t.read_config(0, s.CONFIG_DRIVER_READ))
         nq = 1
         if t.has(s.VIRTIO_BLK_F_MQ):
             nq = max(1, min(self.want_queues, self.config.num_queues or 1, t.max_queues))

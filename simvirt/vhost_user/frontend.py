@@ -141,6 +141,8 @@ class VhostUserFrontend:
     def get_config(self, offset: int, size: int) -> bytes:
         payload = self.request(Request.GET_CONFIG, p.encode_config(offset, bytes(size)), want_reply=True)
         assert payload is not None
+        if len(payload) < p.CONFIG_HDR.size:
+            raise BackendError(f"backend refused GET_CONFIG of {size} bytes at offset {offset}")
         off, sz, _flags, data = p.decode_config(payload)
         if sz != size:
             raise BackendError(f"GET_CONFIG returned {sz} bytes, asked {size}")

@@ -144,9 +144,11 @@ class Queue:
         self.next_avail = (start + n) & 0xFFFF
         return chains
 
-    def pop_heads(self) -> list[int]:
+    def pop_heads(self, limit: int = 0) -> list[int]:
         """Like :meth:`pop_chains` but returns bare head indices (the hot path)."""
         n = self.pending()
+        if limit and n > limit:
+            n = limit
         ring = self._avail
         mask = self.size - 1
         start = self.next_avail

@@ -79,4 +79,7 @@ CONFIG = struct.Struct(
     "I"  # 68 secure_erase_sector_alignment
 )
 CONFIG_WRITEBACK_OFFSET = 32
+# The driver reads through unused1 (60 bytes): libvhost-user backends refuse
+# reads longer than their own struct, and older ones stop there.
+CONFIG_DRIVER_READ = 60
 assert CONFIG.size == 72
