@@ -42,6 +42,11 @@ if sys.byteorder != "little":  # pragma: no cover
 
 _fence_lock = threading.Lock()
 
+# Indirect tables may be longer than the ring: Linux's virtio-blk sends up to
+# seg_max + 2 entries through a 128-entry queue. QEMU and libvhost-user cap
+# them at VIRTQUEUE_MAX_SIZE (1024); so do we.
+MAX_INDIRECT = 1024
+
 
 def memory_fence() -> None:
     """A full barrier (locked instruction) between a ring store and a ring load.
@@ -190,8 +195,8 @@ class Queue:
         if length == 0 or length % 16:
             raise InvalidIndirectTable(f"indirect table length {length} is not a positive multiple of 16")
         count = length // 16
-        if count > budget:
-            raise DescriptorChainTooLong(f"indirect table of {count} descriptors exceeds queue size {self.size}")
+        if count > max(budget, MAX_INDIRECT):
+            raise DescriptorChainTooLong(f"indirect table of {count} descriptors exceeds {max(budget, MAX_INDIRECT)}")
         try:
             table = self.mem.translate(addr, length).cast("Q")
         except GuestAddressError as e:
@@ -210,6 +215,45 @@ class Queue:
             if i >= count:
                 raise InvalidDescriptorIndex(f"indirect next {i} >= table size {count}")
         raise DescriptorChainTooLong(f"indirect chain longer than its table ({count}): loop")
+
+    def last_descriptor(self, head: int) -> tuple[int, int, int] | None:
+        """Best-effort: the final descriptor of a chain that failed :meth:`walk`.
+
+        Used only to put an error status where the driver will look for it;
+        bounded like :meth:`walk`, and it never raises.
+        """
+        try:
+            table = self._desc
+            i = head
+            last = None
+            for _ in range(self.size):
+                if i >= self.size:
+                    return last
+                w = table[2 * i + 1]
+                flags = (w >> 32) & 0xFFFF
+                last = (table[2 * i], w & 0xFFFFFFFF, flags)
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    n = (w & 0xFFFFFFFF) // 16
+                    if not 0 < n <= MAX_INDIRECT:
+                        return None
+                    ind = self.mem.translate(table[2 * i], 16 * n).cast("Q")
+                    j = 0
+                    for _ in range(n):
+                        wj = ind[2 * j + 1]
+                        fj = (wj >> 32) & 0xFFFF
+                        last = (ind[2 * j], wj & 0xFFFFFFFF, fj)
+                        if not fj & VIRTQ_DESC_F_NEXT or fj & VIRTQ_DESC_F_INDIRECT:
+                            return last
+                        j = wj >> 48
+                        if j >= n:
+                            return last
+                    return last
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    return last
+                i = w >> 48
+            return last
+        except (GuestAddressError, ValueError, TypeError):
+            return None
 
     # -- used side --------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:

@@ -148,7 +148,7 @@ class BlkDevice(VirtioDevice):
                 descs = walk(head)
             except VirtqueueError as e:
                 self._error(e.reason, f"chain {head}: {e}")
-                used.append((head, 0))
+                used.append((head, self._fail_unwalkable(queue, head)))
                 continue
             ndesc += len(descs)
             if len(descs) == 3 and ram is not None:
@@ -184,6 +184,21 @@ class BlkDevice(VirtioDevice):
         stats.chains += len(heads)
         stats.descriptors += ndesc
         self._flush_op_stats(time.perf_counter() - t0, len(heads))
+
+    @staticmethod
+    def _fail_unwalkable(queue: Queue, head: int) -> int:
+        """Put IOERR in the status byte of a malformed chain if we can find it.
+
+        A guest must never read a stale "OK" from a request we refused.
+        """
+        last = queue.last_descriptor(head)
+        if last is None or not last[2] & 2 or not last[1]:
+            return 0
+        try:
+            queue.mem.translate(last[0] + last[1] - 1, 1)[0] = s.VIRTIO_BLK_S_IOERR
+        except GuestAddressError:
+            return 0
+        return 1
 
     def _process_general(self, head: int, descs: list[tuple[int, int, int]], translate) -> int:
         """Any framing, every check; returns the used length."""
