@@ -30,6 +30,7 @@ from simvirt.memory import GuestMemory, PageAllocator, PAGE_SIZE
 from simvirt.sizes import format_size
 
 _PAT = struct.Struct("<QQ")
+perf_counter_ns = time.perf_counter_ns
 
 
 @dataclass
@@ -64,13 +65,54 @@ def _device_args(backend: str, size: int) -> list[str]:
     raise ValueError(f"unknown backend {backend!r} (null, memory or file:PATH)")
 
 
+class _Slot:
+    """One unit of queue depth: its buffer, its persistent chains, its request in flight."""
+
+    __slots__ = ("w", "gpa", "view", "rd", "wr", "block", "read", "t0", "complete")
+
+    def __init__(self, w: "BlkWorkload", gpa: int, view: memoryview) -> None:
+        self.w = w
+        self.gpa = gpa
+        self.view = view
+        self.rd = self.wr = None  # FixedRequest per direction, when the ring has room
+        self.block = 0
+        self.read = True
+        self.t0 = 0
+        self.complete = self._complete  # bound once, reused for every request
+
+    def _complete(self, status: int, length: int) -> None:
+        w = self.w
+        now = perf_counter_ns()
+        w.lat.append(now - self.t0)
+        w.inflight -= 1
+        if status:
+            w.errors += 1
+        else:
+            w.ios += 1
+            w.bytes += w.bs
+            if w.verify:
+                w._check(self.block, self.read, self.view)
+        if w.verify:
+            w.busy.discard(self.block)
+        if now < w.stop_at:
+            w.inflight += 1
+            w.issue(self)
+        elif w.inflight == 0 and w.done is not None and not w.done.done():
+            w.done.set_result(None)
+
+
 class BlkWorkload:
+    """A running fio-style job on one driver: ``iodepth`` slots, each resubmitted on completion."""
+
     def __init__(self, o: BlkBenchOptions, drv: VirtioBlkDriver, mem: GuestMemory, alloc: PageAllocator, nblocks: int) -> None:
         self.o = o
+        self.bs = o.bs
         self.drv = drv
         self.mem = mem
         self.nblocks = nblocks
+        self.verify = o.verify
         self.rng = random.Random(o.seed)
+        self._random = self.rng.random
         self.lat: list[int] = []
         self.ios = 0
         self.bytes = 0
@@ -78,31 +120,44 @@ class BlkWorkload:
         self.mismatches = 0
         self.verified_reads = 0
         self.seq_next = 0
+        self.sequential = o.rw in ("read", "write")
         self.gen = [0] * nblocks if o.verify == "data" else None
         self.busy: set[int] = set()
         self.written: set[int] = set()
-        bs = o.bs
-        self.slots = []
-        for _ in range(o.iodepth):
-            gpa = alloc.alloc(bs)
-            self.slots.append((gpa, mem.translate(gpa, bs)))
-        self.stop_at = 0.0
+        self.stop_at = 0
         self.inflight = 0
         self.done: Optional[asyncio.Future] = None
-        self.zero = bytes(bs)
-        self.fill = b"\xaa" * bs
+        self.zero = bytes(o.bs)
+        self.fill = b"\xaa" * o.bs
+        self.slots: list[_Slot] = []
+        directions = {"read": (True,), "randread": (True,), "write": (False,), "randwrite": (False,)}.get(o.rw, (True, False))
+        for i in range(o.iodepth):
+            gpa = alloc.alloc(o.bs)
+            slot = _Slot(self, gpa, mem.translate(gpa, o.bs))
+            bq = drv.queues[i % len(drv.queues)]
+            segs = drv._segments(gpa, o.bs)
+            need = len(directions) * (len(segs) + 2)
+            # Persistent chains while they leave a quarter of the ring for anything else.
+            if bq.q.num_free - need >= bq.q.size // 4 and len(bq.free_slots) > len(directions):
+                if True in directions:
+                    slot.rd = drv.fixed_request(bq, s.VIRTIO_BLK_T_IN, segs)
+                if False in directions:
+                    slot.wr = drv.fixed_request(bq, s.VIRTIO_BLK_T_OUT, segs)
+            self.slots.append(slot)
 
     def _pick_block(self) -> int:
-        o = self.o
-        if o.rw in ("read", "write"):
+        if self.sequential:
             b = self.seq_next
             self.seq_next = (b + 1) % self.nblocks
             return b
-        rng = self.rng
-        for _ in range(64):
-            b = rng.randrange(self.nblocks)
-            if b not in self.busy:
-                return b
+        n = self.nblocks
+        rnd = self._random
+        b = int(rnd() * n)
+        if self.verify:
+            for _ in range(64):
+                if b not in self.busy:
+                    break
+                b = int(rnd() * n)
         return b
 
     def _is_read(self) -> bool:
@@ -111,60 +166,40 @@ class BlkWorkload:
             return True
         if rw in ("write", "randwrite"):
             return False
-        return self.rng.randrange(100) < self.o.mix
+        return self._random() * 100 < self.o.mix
 
-    def issue(self, slot: int) -> None:
-        o = self.o
+    def issue(self, slot: _Slot) -> None:
+        block = self._pick_block()
+        read = self._is_read()
+        slot.block = block
+        slot.read = read
+        verify = self.verify
+        if verify:
+            view = slot.view
+            if read:
+                if verify == "zeroes":
+                    view[:] = self.fill
+            elif verify == "data":
+                assert self.gen is not None
+                view[:] = pattern(block, self.gen[block] + 1, self.bs)
+            else:
+                view[:] = self.zero
+            self.busy.add(block)
+        sector = block * (self.bs >> 9)
+        fixed = slot.rd if read else slot.wr
+        slot.t0 = perf_counter_ns()
+        if fixed is not None:
+            fixed.submit(sector, slot.complete)
+            return
         drv = self.drv
         bq = drv.pick_queue()
-        block = self._pick_block()
-        gpa, view = self.slots[slot]
-        read = self._is_read()
-        verify = o.verify
-        if read:
-            if verify == "zeroes":
-                view[:] = self.fill
-        else:
-            if verify == "data":
-                assert self.gen is not None
-                g = self.gen[block] + 1
-                view[:] = pattern(block, g, o.bs)
-            elif verify == "zeroes":
-                view[:] = self.zero
-        if verify:
-            self.busy.add(block)
-        t0 = time.perf_counter_ns()
-        rtype = s.VIRTIO_BLK_T_IN if read else s.VIRTIO_BLK_T_OUT
-        sector = block * (o.bs // 512)
-
-        def done(status: int, length: int) -> None:
-            now = time.perf_counter_ns()
-            self.lat.append(now - t0)
-            self.inflight -= 1
-            if status != s.VIRTIO_BLK_S_OK:
-                self.errors += 1
-            else:
-                self.ios += 1
-                self.bytes += o.bs
-                if verify:
-                    self._check(block, read, view)
-            if verify:
-                self.busy.discard(block)
-            if now < self.stop_at:
-                self.inflight += 1
-                self.issue(slot)
-            elif self.inflight == 0 and self.done is not None and not self.done.done():
-                self.done.set_result(None)
-
-        self.inflight_guard(bq)
-        drv.submit(bq, rtype, sector, drv._segments(gpa, o.bs), done)
-
-    def inflight_guard(self, bq) -> None:
-        if not self.drv.can_submit(bq, 1):
+        if not drv.can_submit(bq, 1):
             raise RuntimeError("queue full: iodepth exceeds queue capacity")
+        drv.submit(bq, s.VIRTIO_BLK_T_IN if read else s.VIRTIO_BLK_T_OUT, sector,
+                   drv._segments(slot.gpa, self.bs), slot.complete)
 
     def _check(self, block: int, read: bool, view: memoryview) -> None:
-        if self.o.verify == "zeroes":
+        if self.verify == "zeroes":
             if read:
                 self.verified_reads += 1
                 if bytes(view) != self.zero:
@@ -175,7 +210,7 @@ class BlkWorkload:
             g = self.gen[block]
             if g:
                 self.verified_reads += 1
-                if bytes(view) != pattern(block, g, self.o.bs):
+                if bytes(view) != pattern(block, g, self.bs):
                     self.mismatches += 1
         else:
             self.gen[block] += 1
@@ -185,8 +220,8 @@ class BlkWorkload:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         t0 = time.perf_counter()
-        self.stop_at = time.perf_counter_ns() + int(runtime * 1e9)
-        for slot in range(self.o.iodepth):
+        self.stop_at = perf_counter_ns() + int(runtime * 1e9)
+        for slot in self.slots:
             self.inflight += 1
             self.issue(slot)
         await self.done

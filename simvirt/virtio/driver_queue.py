@@ -71,6 +71,7 @@ class DriverQueue:
         self.num_free = size
         self._tokens: list[Any] = [None] * size
         self._chain_len: list[int] = [0] * size
+        self._persistent: list[bool] = [False] * size
         self.avail_idx = 0  # shadow of avail->idx
         self._kicked_idx = 0  # avail idx at the last kick decision
         self.last_used = 0
@@ -83,11 +84,40 @@ class DriverQueue:
         The avail idx is not published until :meth:`publish`, so a batch costs
         one index store and at most one kick.
         """
+        if token is None:
+            raise ValueError("token must not be None")
+        head = self._build(out_bufs, in_bufs)
+        self.post(head, token)
+        return head
+
+    def add_persistent(self, out_bufs: Sequence[Buffer], in_bufs: Sequence[Buffer]) -> int:
+        """Build a chain that stays allocated across uses; :meth:`post` it each time.
+
+        For fixed-buffer I/O (registered buffers, DPDK-style fixed rings): the
+        descriptors are written once and every submission is a single avail
+        ring store. The device still walks and validates the chain each time.
+        """
+        head = self._build(out_bufs, in_bufs)
+        self._persistent[head] = True
+        return head
+
+    def release_persistent(self, head: int) -> None:
+        if not self._persistent[head] or self._tokens[head] is not None:
+            raise ValueError(f"descriptor {head} is not an idle persistent chain")
+        self._persistent[head] = False
+        self._free_chain(head)
+
+    def post(self, head: int, token: Any) -> None:
+        """Make the chain at ``head`` available (published by :meth:`publish`)."""
+        self._tokens[head] = token
+        self._avail[2 + (self.avail_idx & (self.size - 1))] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.in_flight += 1
+
+    def _build(self, out_bufs: Sequence[Buffer], in_bufs: Sequence[Buffer]) -> int:
         total = len(out_bufs) + len(in_bufs)
         if total == 0:
             raise ValueError("empty chain")
-        if token is None:
-            raise ValueError("token must not be None")
         desc = self._desc
         # Short chains go direct while the ring has room (cheaper to walk for
         # both sides); long chains, or a crowded ring, use an indirect table.
@@ -95,6 +125,7 @@ class DriverQueue:
             head = self._free_head
             base = head * self.indirect_max
             ind = self._ind
+            assert ind is not None
             j = 0
             for addr, length in out_bufs:
                 ind[2 * (base + j)] = addr
@@ -110,31 +141,39 @@ class DriverQueue:
             desc[2 * head + 1] = (16 * total) | (VIRTQ_DESC_F_INDIRECT << 32)
             self.num_free -= 1
             self._chain_len[head] = 1
-        else:
-            if total > self.num_free:
-                raise QueueFull(f"chain of {total} descriptors, {self.num_free} free")
-            head = i = self._free_head
-            last = i
-            for addr, length in out_bufs:
-                nxt = desc[2 * i + 1] >> 48
-                desc[2 * i] = addr
-                desc[2 * i + 1] = length | (VIRTQ_DESC_F_NEXT << 32) | (nxt << 48)
-                last, i = i, nxt
-            for addr, length in in_bufs:
-                nxt = desc[2 * i + 1] >> 48
-                desc[2 * i] = addr
-                desc[2 * i + 1] = length | ((VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) << 32) | (nxt << 48)
-                last, i = i, nxt
-            # Terminate the chain but keep the free-list link in 'next'.
-            desc[2 * last + 1] &= ~(VIRTQ_DESC_F_NEXT << 32) & ((1 << 64) - 1)
-            self._free_head = i
-            self.num_free -= total
-            self._chain_len[head] = total
-        self._tokens[head] = token
-        self._avail[2 + (self.avail_idx & (self.size - 1))] = head
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.in_flight += 1
+            return head
+        if total > self.num_free:
+            raise QueueFull(f"chain of {total} descriptors, {self.num_free} free")
+        head = i = self._free_head
+        last = i
+        for addr, length in out_bufs:
+            nxt = desc[2 * i + 1] >> 48
+            desc[2 * i] = addr
+            desc[2 * i + 1] = length | (VIRTQ_DESC_F_NEXT << 32) | (nxt << 48)
+            last, i = i, nxt
+        for addr, length in in_bufs:
+            nxt = desc[2 * i + 1] >> 48
+            desc[2 * i] = addr
+            desc[2 * i + 1] = length | ((VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) << 32) | (nxt << 48)
+            last, i = i, nxt
+        # Terminate the chain but keep the free-list link in 'next'.
+        desc[2 * last + 1] &= ~(VIRTQ_DESC_F_NEXT << 32) & ((1 << 64) - 1)
+        self._free_head = i
+        self.num_free -= total
+        self._chain_len[head] = total
         return head
+
+    def _free_chain(self, head: int) -> None:
+        """Splice a chain onto the free list (walking to its tail)."""
+        desc = self._desc
+        count = self._chain_len[head]
+        tail = head
+        for _ in range(count - 1):
+            tail = desc[2 * tail + 1] >> 48
+        w = desc[2 * tail + 1]
+        desc[2 * tail + 1] = (w & ((1 << 48) - 1)) | (self._free_head << 48)
+        self._free_head = head
+        self.num_free += count
 
     def publish(self) -> bool:
         """Expose added chains (one avail idx store); return True if the device wants a kick."""
@@ -164,25 +203,19 @@ class DriverQueue:
             raise RuntimeError(f"device reported {n} used entries with {self.in_flight} in flight")
         ring = self._used_ring
         mask = self.size - 1
-        desc = self._desc
+        tokens = self._tokens
+        persistent = self._persistent
         out = []
         for k in range(n):
             slot = ((last + k) & mask) * 2
             head = ring[slot]
-            length = ring[slot + 1]
-            if head >= self.size or self._tokens[head] is None:
+            token = tokens[head] if head < self.size else None
+            if token is None:
                 raise RuntimeError(f"device returned descriptor {head} that is not in flight")
-            out.append((self._tokens[head], length))
-            self._tokens[head] = None
-            # Walk to the chain's tail and splice it onto the free list.
-            count = self._chain_len[head]
-            tail = head
-            for _ in range(count - 1):
-                tail = desc[2 * tail + 1] >> 48
-            w = desc[2 * tail + 1]
-            desc[2 * tail + 1] = (w & ((1 << 48) - 1)) | (self._free_head << 48)
-            self._free_head = head
-            self.num_free += count
+            out.append((token, ring[slot + 1]))
+            tokens[head] = None
+            if not persistent[head]:
+                self._free_chain(head)
         self.last_used = used_idx
         self.in_flight -= n
         return out

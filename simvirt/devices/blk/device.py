@@ -143,7 +143,50 @@ class BlkDevice(VirtioDevice):
         storage = self.storage
         size_max = self.size_max
         capacity = self.capacity
+        table = queue._desc
+        qsize = queue.size
         for head in heads:
+            # Inline walk of the canonical direct chain: a 16-byte readable
+            # header, one data buffer, a 1-byte writable status. Anything else
+            # (indirect tables, more segments, odd framing) takes walk().
+            if ram is not None and head < qsize:
+                w0 = table[2 * head + 1]
+                if w0 >> 32 & 0xFFFF == 1 and w0 & 0xFFFFFFFF == 16:
+                    i1 = w0 >> 48
+                    if i1 < qsize:
+                        w1 = table[2 * i1 + 1]
+                        f1 = w1 >> 32 & 0xFFFF
+                        i2 = w1 >> 48
+                        if f1 & 5 == 1 and i2 < qsize:
+                            w2 = table[2 * i2 + 1]
+                            if w2 >> 32 & 0xFFFF == 2 and w2 & 0xFFFFFFFF == 1:
+                                h = table[2 * head] - base
+                                d = table[2 * i1] - base
+                                st = table[2 * i2] - base
+                                l1 = w1 & 0xFFFFFFFF
+                                if 0 <= h and h + 16 <= rsize and 0 <= st < rsize and 0 <= d and d + l1 <= rsize:
+                                    rtype, _, sector = _UNPACK_HDR(ram, h)
+                                    if ((rtype == 0 and f1 & 2) or (rtype == 1 and not f1 & 2 and not self.readonly)) and \
+                                            0 < l1 <= size_max and not l1 & 511 and sector + (l1 >> 9) <= capacity:
+                                        ndesc += 3
+                                        try:
+                                            if rtype == 0:
+                                                storage.read(sector << 9, (ram[d:d + l1],))
+                                            else:
+                                                storage.write(sector << 9, (ram[d:d + l1],))
+                                                if not self.writeback:
+                                                    storage.flush()
+                                            ram[st] = 0
+                                        except OSError as e:
+                                            self._error("io_error", f"{s.OP_NAMES[rtype]} at sector {sector}: {e}")
+                                            ram[st] = s.VIRTIO_BLK_S_IOERR
+                                            used.append((head, 1))
+                                            continue
+                                        op = ops[rtype]
+                                        op[0] += 1
+                                        op[1] += l1
+                                        used.append((head, l1 + 1 if rtype == 0 else 1))
+                                        continue
             try:
                 descs = walk(head)
             except VirtqueueError as e:
@@ -151,34 +194,6 @@ class BlkDevice(VirtioDevice):
                 used.append((head, self._fail_unwalkable(queue, head)))
                 continue
             ndesc += len(descs)
-            if len(descs) == 3 and ram is not None:
-                (a0, l0, f0), (a1, l1, f1), (a2, l2, f2) = descs
-                h = a0 - base
-                st = a2 - base + l2 - 1
-                d = a1 - base
-                if (l0 == 16 and not f0 & 2 and f2 & 2 and l2 == 1 and 0 <= h and h + 16 <= rsize
-                        and 0 <= st < rsize and 0 <= d and d + l1 <= rsize):
-                    rtype, _, sector = _UNPACK_HDR(ram, h)
-                    if (rtype == 0 and f1 & 2) or (rtype == 1 and not f1 & 2 and not self.readonly):
-                        if 0 < l1 <= size_max and not l1 % 512 and sector + (l1 >> 9) <= capacity:
-                            try:
-                                if rtype == 0:
-                                    storage.read(sector << 9, (ram[d:d + l1],))
-                                else:
-                                    storage.write(sector << 9, (ram[d:d + l1],))
-                                    if not self.writeback:
-                                        storage.flush()
-                                ram[st] = 0
-                            except OSError as e:
-                                self._error("io_error", f"{s.OP_NAMES[rtype]} at sector {sector}: {e}")
-                                ram[st] = s.VIRTIO_BLK_S_IOERR
-                                used.append((head, 1))
-                                continue
-                            op = ops[rtype]
-                            op[0] += 1
-                            op[1] += l1
-                            used.append((head, l1 + 1 if rtype == 0 else 1))
-                            continue
             used.append((head, self._process_general(head, descs, mem.translate)))
         queue.add_used_many(used)
         stats.chains += len(heads)
