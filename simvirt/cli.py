@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="driver busy-polls the used ring this long before sleeping on the interrupt (0 = never)")
     bb.add_argument("--json", action="store_true", help="print one JSON object")
 
+    bc = bsub.add_parser("blk-compare", help="simvirt's null device vs qemu-storage-daemon null-co, same driver, one run")
+    bc.add_argument("--rw", choices=["read", "write", "randread", "randwrite", "randrw"], default="randread")
+    bc.add_argument("--bs", type=_size, default=4096)
+    bc.add_argument("--iodepth", type=_positive_int, default=32)
+    bc.add_argument("--runtime", type=float, default=3.0, help="seconds per round")
+    bc.add_argument("--rounds", type=_positive_int, default=5)
+    bc.add_argument("--poll-us", type=float, default=50.0)
+    bc.add_argument("--json", action="store_true")
+
     run = sub.add_parser("run", help="run a whole machine from a TOML config")
     run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
     run.add_argument("--duration", type=float, help="override the workload duration (seconds)")

@@ -8,8 +8,10 @@ prometheus children once per wake-up.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import time
+import weakref
 from typing import Optional
 
 from prometheus_client import (
@@ -20,6 +22,8 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client import ProcessCollector, PlatformCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY, namespace="simvirt")
@@ -28,63 +32,119 @@ PlatformCollector(registry=REGISTRY)
 _Q = ["vm", "device", "queue"]
 _D = ["vm", "device"]
 
-KICKS_RECEIVED = Counter("simvirt_kicks_received", "Kick eventfd wake-ups seen by a device", _Q, registry=REGISTRY)
 KICKS_SENT = Counter("simvirt_kicks_sent", "Kicks written by a driver", _Q, registry=REGISTRY)
 KICKS_SUPPRESSED = Counter("simvirt_kicks_suppressed", "Driver publishes that needed no kick (EVENT_IDX/NO_NOTIFY)", _Q, registry=REGISTRY)
-INTERRUPTS_SENT = Counter("simvirt_interrupts_sent", "Call eventfd writes by a device", _Q, registry=REGISTRY)
 INTERRUPTS_RECEIVED = Counter("simvirt_interrupts_received", "Call eventfd wake-ups seen by a driver", _Q, registry=REGISTRY)
-INTERRUPTS_SUPPRESSED = Counter("simvirt_interrupts_suppressed", "Used-ring updates that needed no interrupt (EVENT_IDX/NO_INTERRUPT)", _Q, registry=REGISTRY)
-CHAINS = Counter("simvirt_chains_processed", "Descriptor chains consumed by a device", _Q, registry=REGISTRY)
-DESCRIPTORS = Counter("simvirt_descriptors_processed", "Descriptors walked by a device", _Q, registry=REGISTRY)
-BATCH = Histogram("simvirt_chains_per_wakeup", "Chains handled per device wake-up", _Q,
-                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024), registry=REGISTRY)
 IN_FLIGHT = Gauge("simvirt_chains_in_flight", "Chains made available by the driver and not yet used", _Q, registry=REGISTRY)
 RING_OCCUPANCY = Gauge("simvirt_ring_occupancy_ratio", "In-flight chains / queue size", _Q, registry=REGISTRY)
 ERRORS = Counter("simvirt_errors", "Bad input and failed requests by reason", _D + ["reason"], registry=REGISTRY)
-REQUESTS = Counter("simvirt_requests", "Requests by operation", _D + ["op"], registry=REGISTRY)
-BYTES = Counter("simvirt_bytes", "Payload bytes by operation", _D + ["op"], registry=REGISTRY)
+DRIVER_REQUESTS = Counter("simvirt_driver_requests", "Requests completed by a guest driver, by operation", _D + ["op"], registry=REGISTRY)
 _LAT_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0)
-SERVICE_TIME = Histogram("simvirt_device_service_seconds", "Device-side time per wake-up batch divided by its chains", _D + ["op"],
-                         buckets=_LAT_BUCKETS, registry=REGISTRY)
 REQUEST_LATENCY = Histogram("simvirt_request_latency_seconds", "Driver-side latency from add to used", _D + ["op"],
                             buckets=_LAT_BUCKETS, registry=REGISTRY)
 VHOST_USER_MESSAGES = Counter("simvirt_vhost_user_messages", "vhost-user requests handled", _D + ["request"], registry=REGISTRY)
 FRONTEND_CONNECTIONS = Counter("simvirt_frontend_connections", "vhost-user frontends that connected", _D, registry=REGISTRY)
 PROCESS_INFO = Gauge("simvirt_process_info", "One per simvirt process", ["vm", "role", "pid"], registry=REGISTRY)
 
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+
+
+class _Hist:
+    """Histogram buckets as plain ints; ``observe(v, n)`` records n observations of v."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    def family_buckets(self) -> list[tuple[str, float]]:
+        out = []
+        acc = 0
+        for b, c in zip(self.bounds, self.counts):
+            acc += c
+            out.append((repr(float(b)), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
 
 class QueueStats:
-    """Plain-int counters for one queue, flushed to prometheus per wake-up."""
+    """Device-side per-queue counters: plain ints, read by the collector at scrape time.
 
-    __slots__ = ("labels", "kicks", "interrupts", "suppressed", "chains", "descriptors", "_children")
+    The data path adds to attributes; nothing on it calls into
+    prometheus_client, so metrics cost a few integer additions per batch.
+    """
+
+    __slots__ = ("labels", "kicks", "interrupts", "suppressed", "chains", "descriptors", "batches", "__weakref__")
 
     def __init__(self, vm: str, device: str, queue: str) -> None:
-        self.labels = (vm, device, queue)
+        self.labels = [vm, device, queue]
         self.kicks = self.interrupts = self.suppressed = self.chains = self.descriptors = 0
-        self._children = (
-            KICKS_RECEIVED.labels(*self.labels),
-            INTERRUPTS_SENT.labels(*self.labels),
-            INTERRUPTS_SUPPRESSED.labels(*self.labels),
-            CHAINS.labels(*self.labels),
-            DESCRIPTORS.labels(*self.labels),
-            BATCH.labels(*self.labels),
-        )
+        self.batches = _Hist(_BATCH_BUCKETS)
+        _LIVE_QUEUES.add(self)
 
     def flush(self, batch: int) -> None:
-        k, i, s, c, d, b = self._children
-        if self.kicks:
-            k.inc(self.kicks)
-        if self.interrupts:
-            i.inc(self.interrupts)
-        if self.suppressed:
-            s.inc(self.suppressed)
-        if self.chains:
-            c.inc(self.chains)
-        if self.descriptors:
-            d.inc(self.descriptors)
+        """Record one wake-up that handled ``batch`` chains."""
         if batch:
-            b.observe(batch)
-        self.kicks = self.interrupts = self.suppressed = self.chains = self.descriptors = 0
+            self.batches.observe(batch)
+
+
+class OpStats:
+    """Device-side per-operation counters and service-time histogram, as plain ints."""
+
+    __slots__ = ("labels", "requests", "bytes", "service", "__weakref__")
+
+    def __init__(self, vm: str, device: str, op: str) -> None:
+        self.labels = [vm, device, op]
+        self.requests = 0
+        self.bytes = 0
+        self.service = _Hist(_LAT_BUCKETS)
+        _LIVE_OPS.add(self)
+
+
+_LIVE_QUEUES: "weakref.WeakSet[QueueStats]" = weakref.WeakSet()
+_LIVE_OPS: "weakref.WeakSet[OpStats]" = weakref.WeakSet()
+
+
+class _HotPathCollector(Collector):
+    def collect(self):
+        qs = list(_LIVE_QUEUES)
+        fams = [
+            ("simvirt_kicks_received", "Kick eventfd wake-ups seen by a device", "kicks"),
+            ("simvirt_interrupts_sent", "Call eventfd writes by a device", "interrupts"),
+            ("simvirt_interrupts_suppressed", "Used-ring updates that needed no interrupt (EVENT_IDX/NO_INTERRUPT)", "suppressed"),
+            ("simvirt_chains_processed", "Descriptor chains consumed by a device", "chains"),
+            ("simvirt_descriptors_processed", "Descriptors walked by a device", "descriptors"),
+        ]
+        for name, doc, attr in fams:
+            f = CounterMetricFamily(name, doc, labels=_Q)
+            for q in qs:
+                f.add_metric(q.labels, getattr(q, attr))
+            yield f
+        h = HistogramMetricFamily("simvirt_chains_per_wakeup", "Chains handled per device wake-up", labels=_Q)
+        for q in qs:
+            h.add_metric(q.labels, q.batches.family_buckets(), q.batches.sum)
+        yield h
+        ops = list(_LIVE_OPS)
+        r = CounterMetricFamily("simvirt_requests", "Requests served by a device, by operation", labels=_D + ["op"])
+        b = CounterMetricFamily("simvirt_bytes", "Payload bytes served by a device, by operation", labels=_D + ["op"])
+        sv = HistogramMetricFamily("simvirt_device_service_seconds",
+                                   "Device-side service time per request (batch time shared by its requests)", labels=_D + ["op"])
+        for o in ops:
+            r.add_metric(o.labels, o.requests)
+            b.add_metric(o.labels, o.bytes)
+            sv.add_metric(o.labels, o.service.family_buckets(), o.service.sum)
+        yield r
+        yield b
+        yield sv
+
+
+REGISTRY.register(_HotPathCollector())
 
 
 def count_error(vm: str, device: str, reason: str, n: int = 1) -> None:

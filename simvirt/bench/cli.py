@@ -20,4 +20,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if result["verified"] is False or result["errors"]:
             return 1
         return 0
+    if args.bench == "blk-compare":
+        from simvirt.bench.blk import BlkBenchOptions
+        from simvirt.bench.compare import run_compare
+        o = BlkBenchOptions(rw=args.rw, bs=args.bs, iodepth=args.iodepth, runtime=args.runtime, poll_us=args.poll_us)
+        result = asyncio.run(run_compare(o, rounds=args.rounds))
+        if args.json:
+            print(json.dumps(result))
+        else:
+            a, b = result["simvirt_null"], result["qsd_null_co"]
+            print(f"blk-compare {args.rw} bs={args.bs} iodepth={args.iodepth}, {args.rounds} rounds of {args.runtime}s")
+            print(f"  simvirt null   median iops={a['iops_median']:.0f}  rounds={a['iops_rounds']}")
+            print(f"  qsd null-co    median iops={b['iops_median']:.0f}  rounds={b['iops_rounds']}")
+            print(f"  ratio simvirt/qsd = {result['ratio_iops']}")
+        return 0
     raise ValueError(f"unknown benchmark {args.bench}")

@@ -11,6 +11,7 @@ kick per queue.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class VirtioBlkDriver:
         self._rr = 0
         vm, dev = transport.vm, transport.label
         self._lat = {k: metrics.REQUEST_LATENCY.labels(vm, dev, name) for k, name in s.OP_NAMES.items()}
-        self._req = {k: metrics.REQUESTS.labels(vm, dev, name) for k, name in s.OP_NAMES.items()}
+        self._req = {k: metrics.DRIVER_REQUESTS.labels(vm, dev, name) for k, name in s.OP_NAMES.items()}
 
     # -- probe ------------------------------------------------------------
     def probe(self, loop: asyncio.AbstractEventLoop) -> BlkConfig:
@@ -353,7 +354,9 @@ class VirtioBlkDriver:
 def _spin(ready: Callable[[], bool], budget_ns: int) -> bool:
     now = time.perf_counter_ns
     deadline = now() + budget_ns
+    yield_cpu = os.sched_yield
     while now() < deadline:
         if ready():
             return True
+        yield_cpu()  # a device sharing our CPU gets to run
     return False

@@ -218,7 +218,10 @@ def _poll(queue, budget_ns: int) -> bool:
     deadline = now() + budget_ns
     idx = queue.avail_idx
     seen = queue.next_avail
+    yield_cpu = os.sched_yield
     while now() < deadline:
         if idx() != seen:
             return True
+        # If the driver shares our CPU, let it run instead of spinning against it.
+        yield_cpu()
     return False

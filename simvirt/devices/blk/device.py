@@ -70,13 +70,10 @@ class BlkDevice(VirtioDevice):
         self.max_discard_sectors = min(max_discard_sectors, 0xFFFFFFFF)
         self.max_discard_seg = max_discard_seg
         self.writeback = 1
-        self.batch = int(os.environ.get("SIMVIRT_BLK_BATCH", "8"))
-        self._ops = {k: [0, 0] for k in s.OP_NAMES}  # requests, bytes per type since last flush
-        self._op_children = {
-            k: (metrics.REQUESTS.labels(vm, self.label, name), metrics.BYTES.labels(vm, self.label, name),
-                metrics.SERVICE_TIME.labels(vm, self.label, name))
-            for k, name in s.OP_NAMES.items()
-        }
+        self.batch = int(os.environ.get("SIMVIRT_BLK_BATCH", "16"))
+        # Per request type: [requests, bytes] in this batch, folded into OpStats per batch.
+        self._ops = {k: [0, 0] for k in s.OP_NAMES}
+        self._op_stats = {k: metrics.OpStats(vm, self.label, name) for k, name in s.OP_NAMES.items()}
 
     # -- negotiation and config ------------------------------------------
     def device_features(self) -> int:
@@ -145,6 +142,8 @@ class BlkDevice(VirtioDevice):
         capacity = self.capacity
         table = queue._desc
         qsize = queue.size
+        null_io = storage.null_io
+        n_rd = b_rd = n_wr = b_wr = 0
         for head in heads:
             # Inline walk of the canonical direct chain: a 16-byte readable
             # header, one data buffer, a 1-byte writable status. Anything else
@@ -170,7 +169,9 @@ class BlkDevice(VirtioDevice):
                                             0 < l1 <= size_max and not l1 & 511 and sector + (l1 >> 9) <= capacity:
                                         ndesc += 3
                                         try:
-                                            if rtype == 0:
+                                            if null_io:
+                                                pass
+                                            elif rtype == 0:
                                                 storage.read(sector << 9, (ram[d:d + l1],))
                                             else:
                                                 storage.write(sector << 9, (ram[d:d + l1],))
@@ -182,10 +183,14 @@ class BlkDevice(VirtioDevice):
                                             ram[st] = s.VIRTIO_BLK_S_IOERR
                                             used.append((head, 1))
                                             continue
-                                        op = ops[rtype]
-                                        op[0] += 1
-                                        op[1] += l1
-                                        used.append((head, l1 + 1 if rtype == 0 else 1))
+                                        if rtype == 0:
+                                            n_rd += 1
+                                            b_rd += l1
+                                            used.append((head, l1 + 1))
+                                        else:
+                                            n_wr += 1
+                                            b_wr += l1
+                                            used.append((head, 1))
                                         continue
             try:
                 descs = walk(head)
@@ -196,6 +201,12 @@ class BlkDevice(VirtioDevice):
             ndesc += len(descs)
             used.append((head, self._process_general(head, descs, mem.translate)))
         queue.add_used_many(used)
+        if n_rd:
+            ops[0][0] += n_rd
+            ops[0][1] += b_rd
+        if n_wr:
+            ops[1][0] += n_wr
+            ops[1][1] += b_wr
         stats.chains += len(heads)
         stats.descriptors += ndesc
         self._flush_op_stats(time.perf_counter() - t0, len(heads))
@@ -277,12 +288,12 @@ class BlkDevice(VirtioDevice):
     def _flush_op_stats(self, elapsed: float, nchains: int) -> None:
         per = elapsed / nchains
         for rtype, op in self._ops.items():
-            if op[0]:
-                req, byt, svc = self._op_children[rtype]
-                req.inc(op[0])
-                if op[1]:
-                    byt.inc(op[1])
-                svc.observe(per)
+            n = op[0]
+            if n:
+                st = self._op_stats[rtype]
+                st.requests += n
+                st.bytes += op[1]
+                st.service.observe(per, n)
                 op[0] = op[1] = 0
 
     @staticmethod

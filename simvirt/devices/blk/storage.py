@@ -36,6 +36,8 @@ class Storage:
     kind = "storage"
     size: int
     readonly: bool = False
+    # True when reads and writes are no-ops (null): the fast path skips the call.
+    null_io: bool = False
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         raise NotImplementedError
@@ -184,6 +186,7 @@ class NullStorage(Storage):
     """Like QEMU's null-co: reads leave the buffer untouched, writes vanish."""
 
     kind = "null"
+    null_io = True
 
     def __init__(self, size: int, readonly: bool = False) -> None:
         self.size = size
