@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_argument("--poll-us", type=float, default=200.0,
                      help="busy-poll the ring this long after a batch before sleeping (0 = never)")
 
+    bal = dsub.add_parser("balloon", help="vhost-user virtio-balloon backend")
+    bal.add_argument("--socket", required=True, help="unix socket path to listen on")
+    bal.add_argument("--control", help="msgpack control socket (simvirt ctl PATH balloon SIZE)")
+    bal.add_argument("--stats-interval", type=float, default=0.0,
+                     help="ask the guest for memory statistics every SECONDS (0 = only on request)")
+    bal.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
+    bal.add_argument("--metrics-addr", default="127.0.0.1")
+    bal.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
+
+    ctl = sub.add_parser("ctl", help="talk to a control socket (device process or simvirt run)")
+    ctl.add_argument("control_socket", metavar="SOCKET")
+    ctl.add_argument("ctl_command", metavar="COMMAND", help="balloon SIZE | balloon-stats | info")
+    ctl.add_argument("ctl_args", metavar="ARG", nargs="*")
+    ctl.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     bb = bsub.add_parser("blk", help="block I/O through the simvirt guest driver")
@@ -110,6 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "bench":
             from simvirt.bench.cli import run_bench_command
             return run_bench_command(args)
+        if args.command == "ctl":
+            from simvirt.ctl import run_ctl_command
+            return run_ctl_command(args)
         if args.command == "run":
             from simvirt.machine.run import run_machine_command
             return run_machine_command(args)

@@ -30,4 +30,12 @@ def run_device_command(args: argparse.Namespace) -> int:
                               poll_us=args.poll_us)
         finally:
             storage.close()
+    if args.device == "balloon":
+        from simvirt.control import balloon_handler
+        from simvirt.devices.balloon.device import BalloonDevice
+        if args.stats_interval < 0:
+            raise ValueError("--stats-interval must be >= 0")
+        bdev = BalloonDevice(vm=args.vm, stats_interval=args.stats_interval)
+        return run_device(bdev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                          poll_us=0.0, control_path=args.control, control_handler=balloon_handler(bdev))
     raise ValueError(f"unknown device {args.device}")

@@ -22,7 +22,8 @@ def install_uvloop() -> None:
 
 
 async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: Optional[int] = None,
-                       metrics_addr: str = "127.0.0.1", poll_us: float = 0.0, on_ready: Optional[Callable[[], None]] = None) -> None:
+                       metrics_addr: str = "127.0.0.1", poll_us: float = 0.0,
+                       control_path: Optional[str] = None, control_handler=None, on_ready: Optional[Callable[[], None]] = None) -> None:
     """Serve ``device`` on ``socket_path`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     server = VhostUserServer(device, socket_path, loop=loop, poll_us=poll_us)
@@ -34,6 +35,11 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    control = None
+    if control_path is not None and control_handler is not None:
+        from simvirt.control import serve_control
+        control = await serve_control(control_path, control_handler)
+        log.info("%s: control socket on %s", device.label, control_path)
     if on_ready is not None:
         on_ready()
     task = asyncio.ensure_future(server.serve_forever())
@@ -43,6 +49,8 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
             task.result()
     finally:
         task.cancel()
+        if control is not None:
+            control.close()
         server.close()
         if server.session is not None:
             server.session.close()

@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Callable, Optional
 
 from simvirt import metrics
 from simvirt.memory.alloc import PageAllocator
 from simvirt.memory.guest import GuestMemory
 from simvirt.vhost_user.frontend import VhostUserFrontend
-from simvirt.vhost_user.protocol import ProtocolFeature
+from simvirt.vhost_user.protocol import (
+    HEADER,
+    VHOST_USER_NEED_REPLY_MASK,
+    VHOST_USER_REPLY_MASK,
+    VHOST_USER_VERSION,
+    BackendRequest,
+    ProtocolFeature,
+)
 from simvirt.virtio.driver_queue import DriverQueue
 from simvirt.virtio.spec import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WANTED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.BACKEND_REQ)
 )
 
 
@@ -95,6 +104,8 @@ class VhostUserTransport:
         self.max_queues = 1
         self.queues: dict[int, DriverQueueHandle] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._backend_req: Optional[socket.socket] = None
+        self._backend_buf = b""
 
     # -- handshake --------------------------------------------------------
     def _set_status(self, bits: int) -> None:
@@ -111,6 +122,14 @@ class VhostUserTransport:
             self.fe.set_protocol_features(self.protocol_features)
         if self.protocol_features & bit(ProtocolFeature.MQ):
             self.max_queues = self.fe.get_queue_num()
+        if self.protocol_features & bit(ProtocolFeature.BACKEND_REQ):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.fe.set_backend_req_fd(theirs.fileno())
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            self._backend_req = ours
         self.fe.set_owner()
         self._set_status(DeviceStatus.DRIVER)
 
@@ -181,6 +200,38 @@ class VhostUserTransport:
 
         loop.add_reader(h.call_fd, on_call)
 
+    def watch_config_changes(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` on each BACKEND_CONFIG_CHANGE_MSG (the config interrupt).
+
+        Returns False if the backend offers no back-end request channel.
+        """
+        sock = self._backend_req
+        if sock is None:
+            return False
+        self._loop = loop
+
+        def on_msg() -> None:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                return
+            if not data:
+                loop.remove_reader(sock.fileno())
+                return
+            self._backend_buf += data
+            while len(self._backend_buf) >= HEADER.size:
+                req, flags, size = HEADER.unpack_from(self._backend_buf)
+                if len(self._backend_buf) < HEADER.size + size:
+                    break
+                self._backend_buf = self._backend_buf[HEADER.size + size:]
+                if flags & VHOST_USER_NEED_REPLY_MASK:
+                    sock.send(HEADER.pack(req, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 8) + bytes(8))
+                if req == BackendRequest.CONFIG_CHANGE_MSG:
+                    callback()
+
+        loop.add_reader(sock.fileno(), on_msg)
+        return True
+
     def stop(self) -> dict[int, int]:
         """Stop every ring (GET_VRING_BASE) and hang up; returns the final avail indices."""
         bases = {}
@@ -196,6 +247,11 @@ class VhostUserTransport:
             os.close(h.kick_fd)
             os.close(h.call_fd)
         self.queues.clear()
+        if self._backend_req is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._backend_req.fileno())
+            self._backend_req.close()
+            self._backend_req = None
         self.fe.close()
         self.status = 0
         return bases

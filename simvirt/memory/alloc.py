@@ -8,6 +8,7 @@ and the balloon driver takes pages out of it.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 PAGE_SIZE = 4096
 
@@ -26,11 +27,47 @@ class PageAllocator:
         self._starts: list[int] = [0] if self.total_pages else []
         self._lengths: list[int] = [self.total_pages] if self.total_pages else []
         self.free_pages = self.total_pages
+        # Called with the number of pages wanted when an allocation fails; a
+        # handler that frees memory returns True (DEFLATE_ON_OOM hooks in here).
+        self.oom_handlers: list[Callable[[int], bool]] = []
+        # Called with (gpa, npages) after every allocation (free page reporting
+        # uses it to forget that those pages were reported).
+        self.alloc_listeners: list[Callable[[int, int], None]] = []
 
     def alloc_pages(self, npages: int) -> int:
         """Allocate ``npages`` contiguous pages; return the gpa of the first."""
         if npages <= 0:
             raise ValueError("npages must be positive")
+        try:
+            return self._alloc_pages(npages)
+        except OutOfGuestMemory:
+            for handler in list(self.oom_handlers):
+                if handler(npages):
+                    try:
+                        return self._alloc_pages(npages)
+                    except OutOfGuestMemory:
+                        continue
+            raise
+
+    def alloc_range(self, gpa: int, npages: int) -> None:
+        """Take exactly ``[gpa, +npages)``, which must be free (used to isolate pages)."""
+        start = (gpa - self.base_gpa) // self.page_size
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or self._starts[i] + self._lengths[i] < start + npages or (gpa - self.base_gpa) % self.page_size:
+            raise ValueError(f"range {gpa:#x}+{npages} pages is not free")
+        s0, n0 = self._starts[i], self._lengths[i]
+        pieces = []
+        if start > s0:
+            pieces.append((s0, start - s0))
+        if start + npages < s0 + n0:
+            pieces.append((start + npages, s0 + n0 - start - npages))
+        self._starts[i:i + 1] = [p[0] for p in pieces]
+        self._lengths[i:i + 1] = [p[1] for p in pieces]
+        self.free_pages -= npages
+        for listener in self.alloc_listeners:
+            listener(gpa, npages)
+
+    def _alloc_pages(self, npages: int) -> int:
         for i, length in enumerate(self._lengths):
             if length >= npages:
                 start = self._starts[i]
@@ -41,7 +78,10 @@ class PageAllocator:
                     self._starts[i] = start + npages
                     self._lengths[i] = length - npages
                 self.free_pages -= npages
-                return self.base_gpa + start * self.page_size
+                gpa = self.base_gpa + start * self.page_size
+                for listener in self.alloc_listeners:
+                    listener(gpa, npages)
+                return gpa
         raise OutOfGuestMemory(f"no run of {npages} free pages ({self.free_pages} free in all)")
 
     def alloc(self, nbytes: int) -> int:

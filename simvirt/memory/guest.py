@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Optional
 
+from simvirt.memory.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
 
 class GuestAddressError(ValueError):
     """A (guest-physical or frontend-virtual) range is not inside guest RAM."""
@@ -175,6 +177,40 @@ class GuestMemory:
             if 0 <= off < r.size:
                 return r.user_addr + off
         raise GuestAddressError(gpa, 1)
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Hand ``[gpa, gpa+length)`` back to the host: its pages leave the segment.
+
+        Punches a hole in the backing shmem/memfd file, which frees the pages
+        from every process that maps them (the balloon's whole point); later
+        reads see zeros. Falls back to zero-filling when the fd can't punch.
+        """
+        for r in self.regions:
+            off = gpa - r.gpa
+            if 0 <= off and off + length <= r.size:
+                if r.fd >= 0:
+                    try:
+                        fallocate(r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.mmap_offset + off, length)
+                        return
+                    except OSError:
+                        pass
+                r.view[off:off + length] = bytes(length)
+                return
+        raise GuestAddressError(gpa, length)
+
+    def resident_bytes(self) -> int:
+        """Bytes of guest RAM the host really holds (allocated blocks of the backing files)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for r in self.regions:
+            if r.fd < 0:
+                continue
+            st = os.fstat(r.fd)
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+        return total
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.translate(gpa, length))

@@ -38,6 +38,7 @@ DEFAULT_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.BACKEND_REQ)
 )
 MAX_MEM_SLOTS = 8
 
@@ -87,7 +88,9 @@ class BackendSession:
         self.owner = False
         self.mem = GuestMemory()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.backend_req_fd = -1
         device.mem = self.mem  # type: ignore[attr-defined]
+        device.config_changed = self.notify_config_change
 
     # -- helpers ----------------------------------------------------------
     @property
@@ -186,6 +189,30 @@ class BackendSession:
     def _on_reset_device(self, msg: Message) -> None:
         self.reset()
         return None
+
+    def _on_set_backend_req_fd(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise ProtocolError("SET_BACKEND_REQ_FD needs exactly one fd")
+        if self.backend_req_fd >= 0:
+            _close(self.backend_req_fd)
+        self.backend_req_fd = msg.fds.pop()
+        return None
+
+    def notify_config_change(self) -> bool:
+        """Tell the frontend the config space changed (BACKEND_CONFIG_CHANGE_MSG).
+
+        Returns False when there is no channel (the frontend did not negotiate
+        BACKEND_REQ); the frontend then only sees changes when it reads config.
+        """
+        if self.backend_req_fd < 0 or not self.has_protocol(ProtocolFeature.CONFIG):
+            return False
+        data = p.HEADER.pack(p.BackendRequest.CONFIG_CHANGE_MSG, p.VHOST_USER_VERSION, 0)
+        try:
+            os.write(self.backend_req_fd, data)
+        except OSError as e:
+            log.warning("config-change notification failed: %s", e)
+            return False
+        return True
 
     def _on_get_queue_num(self, msg: Message) -> bytes:
         return p.encode_u64(self.device.num_queues)
@@ -425,6 +452,9 @@ class BackendSession:
 
     def close(self) -> None:
         self.reset()
+        if self.backend_req_fd >= 0:
+            _close(self.backend_req_fd)
+            self.backend_req_fd = -1
         self.mem.close()
 
 

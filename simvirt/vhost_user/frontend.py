@@ -151,5 +151,8 @@ class VhostUserFrontend:
     def set_config(self, offset: int, data: bytes) -> None:
         self.request(Request.SET_CONFIG, p.encode_config(offset, data))
 
+    def set_backend_req_fd(self, fd: int) -> None:
+        self.request(Request.SET_BACKEND_REQ_FD, b"", [fd])
+
     def reset_device(self) -> None:
         self.request(Request.RESET_DEVICE)

@@ -96,6 +96,16 @@ class ProtocolFeature(enum.IntEnum):
     STATUS = 16
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end -> front-end requests on the SET_BACKEND_REQ_FD channel (QEMU 7.2: "slave")."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+
+
 # Requests whose reply is part of the protocol (not a REPLY_ACK).
 REQUESTS_WITH_REPLY = frozenset({
     Request.GET_FEATURES,

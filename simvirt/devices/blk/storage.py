@@ -6,25 +6,11 @@ call per request and no intermediate copy.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import os
 from typing import Sequence
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with a mode (os.posix_fallocate has none)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+from simvirt.memory.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 
 _ZEROS = bytes(1 << 20)

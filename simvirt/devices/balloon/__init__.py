@@ -1,0 +1,1 @@
+"""virtio-balloon device (vhost-user backend)."""
