@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--poll-us", type=float, default=50.0)
     bc.add_argument("--json", action="store_true")
 
+    bbal = bsub.add_parser("balloon", help="inflate/deflate timing and memory really returned to the host")
+    bbal.add_argument("--ram", type=_size, default=2 << 30)
+    bbal.add_argument("--inflate", type=_size, default=1 << 30)
+    bbal.add_argument("--json", action="store_true")
+
     run = sub.add_parser("run", help="run a whole machine from a TOML config")
     run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
     run.add_argument("--duration", type=float, help="override the workload duration (seconds)")

@@ -20,6 +20,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if result["verified"] is False or result["errors"]:
             return 1
         return 0
+    if args.bench == "balloon":
+        from simvirt.bench.balloon import run_balloon_bench
+        r = asyncio.run(run_balloon_bench(args.ram, args.inflate))
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"balloon: inflate {r['inflate_bytes'] >> 20} MiB of {r['ram_bytes'] >> 20} MiB in {r['inflate_s']} s "
+                  f"({r['released_ratio'] * 100:.1f}% handed back), deflate in {r['deflate_s']} s")
+        return 0
     if args.bench == "blk-compare":
         from simvirt.bench.blk import BlkBenchOptions
         from simvirt.bench.compare import run_compare
