@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
     run.add_argument("--duration", type=float, help="override the workload duration (seconds)")
     run.add_argument("--metrics-port", type=int, help="one scrape address for the whole machine")
+    run.add_argument("--control", help="machine control socket (simvirt ctl PATH balloon SIZE | balloon-stats | info)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
     return ap

@@ -42,6 +42,31 @@ class BlkDeviceConfig:
 
 
 @dataclass
+class BalloonDeviceConfig:
+    name: str
+    stats_interval: float = 2.0
+    report_interval: float = 2.0  # guest free page reporting pass (0 = off)
+    type: str = "balloon"
+
+    def device_args(self) -> list[str]:
+        return ["--stats-interval", str(self.stats_interval)]
+
+
+@dataclass
+class BalloonStep:
+    at: float  # seconds after the workloads start
+    size: int  # target guest memory (QEMU's `balloon SIZE`)
+
+
+@dataclass
+class BalloonWorkloadConfig:
+    """A scripted sequence of balloon targets."""
+
+    device: str
+    steps: list[BalloonStep] = field(default_factory=list)
+
+
+@dataclass
 class BlkWorkloadConfig:
     device: str
     rw: str = "randread"
@@ -58,8 +83,9 @@ class MachineConfig:
     ram: int = 256 << 20
     duration: float = 10.0
     metrics_port: Optional[int] = None
-    devices: list[BlkDeviceConfig] = field(default_factory=list)
-    workloads: list[BlkWorkloadConfig] = field(default_factory=list)
+    control: Optional[str] = None
+    devices: list[Any] = field(default_factory=list)  # BlkDeviceConfig | BalloonDeviceConfig
+    workloads: list[Any] = field(default_factory=list)  # BlkWorkloadConfig | BalloonWorkloadConfig
     source: str = "<default>"
 
 
@@ -102,6 +128,7 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
     cfg.name = _take(m, "machine", "name", str, "sim")
     cfg.ram = _size(m, "machine", "ram", cfg.ram) or 0
     cfg.metrics_port = _take(m, "machine", "metrics_port", int, None)
+    cfg.control = _take(m, "machine", "control", str, None)
     _no_extra(m, "machine")
     if cfg.ram < 16 << 20 or cfg.ram % 4096:
         raise ConfigError("machine.ram: must be a multiple of 4K and at least 16M")
@@ -116,12 +143,23 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
         where = f"device[{i}]"
         d = dict(d)
         typ = _take(d, where, "type", str, required=True)
-        if typ != "blk":
-            raise ConfigError(f"{where}.type: unknown device type {typ!r} (supported: blk)")
+        if typ not in ("blk", "balloon"):
+            raise ConfigError(f"{where}.type: unknown device type {typ!r} (supported: blk, balloon)")
         name = _take(d, where, "name", str, required=True)
         if name in names:
             raise ConfigError(f"{where}.name: duplicate device name {name!r}")
         names.add(name)
+        if typ == "balloon":
+            if any(isinstance(x, BalloonDeviceConfig) for x in cfg.devices):
+                raise ConfigError(f"{where}: a machine has at most one balloon")
+            bal = BalloonDeviceConfig(name=name,
+                                      stats_interval=float(_take(d, where, "stats_interval", (int, float), 2.0)),
+                                      report_interval=float(_take(d, where, "report_interval", (int, float), 2.0)))
+            if bal.stats_interval < 0 or bal.report_interval < 0:
+                raise ConfigError(f"{where}: intervals must be >= 0")
+            _no_extra(d, where)
+            cfg.devices.append(bal)
+            continue
         backend = _take(d, where, "backend", str, "memory")
         if backend not in ("null", "memory") and not (backend.startswith("file:") and len(backend) > 5):
             raise ConfigError(f"{where}.backend: {backend!r} is not null, memory or file:PATH")
@@ -141,6 +179,22 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
         dev_name = _take(w, where, "device", str, required=True)
         if dev_name not in names:
             raise ConfigError(f"{where}.device: no device named {dev_name!r}")
+        target = next(d for d in cfg.devices if d.name == dev_name)
+        if isinstance(target, BalloonDeviceConfig):
+            steps = []
+            for j, st in enumerate(_take(w, where, "steps", list, required=True)):
+                if not isinstance(st, dict):
+                    raise ConfigError(f"{where}.steps[{j}]: expected a table {{at = SECONDS, size = SIZE}}")
+                st = dict(st)
+                at = _take(st, f"{where}.steps[{j}]", "at", (int, float), required=True)
+                size = _size(st, f"{where}.steps[{j}]", "size", None)
+                _no_extra(st, f"{where}.steps[{j}]")
+                if at < 0 or not size or size > cfg.ram:
+                    raise ConfigError(f"{where}.steps[{j}]: need at >= 0 and 0 < size <= machine.ram")
+                steps.append(BalloonStep(float(at), size))
+            _no_extra(w, where)
+            cfg.workloads.append(BalloonWorkloadConfig(dev_name, sorted(steps, key=lambda x: x.at)))
+            continue
         wl = BlkWorkloadConfig(device=dev_name, rw=_take(w, where, "rw", str, "randread"),
                                bs=_size(w, where, "bs", 4096) or 0, iodepth=_take(w, where, "iodepth", int, 16),
                                verify=_take(w, where, "verify", bool, False), mix=_take(w, where, "mix", int, 50),
@@ -153,7 +207,7 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
             raise ConfigError(f"{where}.iodepth: must be 1..256")
         if not 0 <= wl.mix <= 100:
             raise ConfigError(f"{where}.mix: must be 0..100")
-        dev = next(d for d in cfg.devices if d.name == dev_name)
+        dev = target
         if dev.readonly and wl.rw not in ("read", "randread"):
             raise ConfigError(f"{where}: device {dev_name!r} is read-only but rw is {wl.rw!r}")
         _no_extra(w, where)

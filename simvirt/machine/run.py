@@ -29,7 +29,9 @@ from simvirt.bench.stats import percentiles_us
 from simvirt.devices.runner import install_uvloop
 from simvirt.drivers.blk import VirtioBlkDriver
 from simvirt.drivers.transport import VhostUserTransport
-from simvirt.machine.config import MachineConfig, load_config
+from simvirt.control import ControlError, arequest, serve_control
+from simvirt.drivers.balloon import VirtioBalloonDriver
+from simvirt.machine.config import BalloonDeviceConfig, BalloonWorkloadConfig, MachineConfig, load_config
 from simvirt.machine.federate import FederatingCollector
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
@@ -48,6 +50,8 @@ class Machine:
         self.workdir = tempfile.mkdtemp(prefix=f"simvirt-{cfg.name}-")
         self.procs: dict[str, DeviceProcess] = {}
         self.drivers: dict[str, VirtioBlkDriver] = {}
+        self.balloon: Optional[VirtioBalloonDriver] = None
+        self.balloon_ctl: Optional[str] = None
         self.metric_targets: dict[str, str] = {}
         self.mem: Optional[GuestMemory] = None
         self.alloc: Optional[PageAllocator] = None
@@ -59,18 +63,59 @@ class Machine:
         for dev in cfg.devices:
             port = free_port()
             sock = os.path.join(self.workdir, f"{dev.name}.sock")
+            extra = []
+            if isinstance(dev, BalloonDeviceConfig):
+                self.balloon_ctl = os.path.join(self.workdir, f"{dev.name}.ctl")
+                extra = ["--control", self.balloon_ctl]
             self.procs[dev.name] = DeviceProcess(
-                dev.type, dev.device_args() + ["--vm", cfg.name, "--metrics-port", str(port)],
+                dev.type, dev.device_args() + extra + ["--vm", cfg.name, "--metrics-port", str(port)],
                 socket_path=sock, log_path=os.path.join(self.workdir, f"{dev.name}.log"))
             self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
         for dev in cfg.devices:
             sock = self.procs[dev.name].wait_ready()
+            if isinstance(dev, BalloonDeviceConfig):
+                bal = VirtioBalloonDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
+                                          report_interval=dev.report_interval)
+                bal.probe(loop)
+                bal.start()
+                self.balloon = bal
+                self.console.log(f"{dev.name}: virtio-balloon pid={self.procs[dev.name].proc.pid} "
+                                 f"features={bal.transport.features:#x}")
+                continue
             drv = VirtioBlkDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
                                   num_queues=dev.num_queues)
             drv.probe(loop)
             self.drivers[dev.name] = drv
             self.console.log(f"{dev.name}: virtio-blk {format_size(drv.capacity_bytes)} serial={dev.serial or dev.name} "
                              f"queues={len(drv.queues)} ({dev.backend}) pid={self.procs[dev.name].proc.pid}")
+
+    async def control(self, req: dict) -> dict:
+        """The machine's control socket: balloon commands go to the balloon device."""
+        cmd = req["cmd"]
+        if cmd == "info":
+            out: dict = {"machine": self.cfg.name, "ram_bytes": self.cfg.ram,
+                         "devices": {name: p.proc.pid for name, p in self.procs.items()},
+                         "guest_free_bytes": self.alloc.free_pages * 4096 if self.alloc else None}
+            if self.balloon_ctl:
+                out["balloon"] = await arequest(self.balloon_ctl, {"cmd": "info"})
+            return out
+        if cmd in ("balloon", "balloon-stats"):
+            if not self.balloon_ctl:
+                raise ControlError("this machine has no balloon device")
+            reply = await arequest(self.balloon_ctl, req)
+            if not reply.get("ok"):
+                raise ControlError(reply.get("error", "balloon device refused"))
+            reply.pop("ok", None)
+            return reply
+        raise ControlError(f"unknown command {cmd!r} (info, balloon SIZE, balloon-stats)")
+
+    async def aclose(self) -> None:
+        if self.balloon is not None:
+            try:
+                await self.balloon.close()
+            except OSError:
+                pass
+            self.balloon = None
 
     def stop(self) -> None:
         for drv in self.drivers.values():
@@ -99,7 +144,21 @@ def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], ela
     return t
 
 
-async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console) -> dict:
+async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Console) -> list[dict]:
+    """Apply each scripted balloon target at its time; record what the device reported."""
+    t0 = time.monotonic()
+    log = []
+    assert m.balloon_ctl is not None
+    for step in wl.steps:
+        await asyncio.sleep(max(0.0, t0 + step.at - time.monotonic()))
+        reply = await arequest(m.balloon_ctl, {"cmd": "balloon", "size": step.size})
+        console.log(f"{wl.device}: guest memory -> {format_size(step.size)} ({'ok' if reply.get('ok') else reply.get('error')})")
+        log.append({"at": step.at, "size": step.size, "ok": bool(reply.get("ok"))})
+    return log
+
+
+async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console,
+                      control: Optional[str] = None) -> dict:
     loop = asyncio.get_running_loop()
     m = Machine(cfg, console)
     port = metrics_port if metrics_port is not None else cfg.metrics_port
@@ -113,8 +172,17 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             metrics.REGISTRY.register(FederatingCollector(m.metric_targets))
             bound = metrics.serve(port)
             console.log(f"metrics for the whole machine on http://127.0.0.1:{bound}/metrics")
+        control_path = control or cfg.control
+        control_server = None
+        if control_path:
+            control_server = await serve_control(control_path, m.control)
+            console.log(f"control socket: simvirt ctl {control_path} (balloon SIZE | balloon-stats | info)")
         runs: list[tuple[str, BlkWorkload]] = []
+        scripts = [asyncio.ensure_future(_balloon_script(m, wl, console))
+                   for wl in cfg.workloads if isinstance(wl, BalloonWorkloadConfig)]
         for wl in cfg.workloads:
+            if isinstance(wl, BalloonWorkloadConfig):
+                continue
             drv = m.drivers[wl.device]
             o = BlkBenchOptions(rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth, runtime=cfg.duration,
                                 size=wl.size, verify="data" if wl.verify else None, mix=wl.mix)
@@ -141,7 +209,19 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             for _, run in runs:
                 run.stop_at = 0
             await asyncio.gather(*tasks)
+        if not runs and scripts and not stop.is_set():
+            done_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([*scripts, done_wait], timeout=cfg.duration)
+            done_wait.cancel()
         elapsed = time.monotonic() - t0
+        for sc in scripts:
+            sc.cancel()
+        balloon_info = None
+        if m.balloon_ctl:
+            balloon_info = await arequest(m.balloon_ctl, {"cmd": "balloon-stats"})
+            balloon_info.pop("ok", None)
+        if control_server is not None:
+            control_server.close()
         results = []
         ok = True
         for (dev, run), task in zip(runs, tasks):
@@ -159,10 +239,11 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 "reads_checked": run.verified_reads, "blocks_read_back": rb[0],
             })
         return {"machine": cfg.name, "config": cfg.source, "duration_s": round(elapsed, 2),
-                "devices": [{"name": d.name, "type": d.type, "backend": d.backend, "size": d.size,
-                             "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
-                "workloads": results, "ok": ok}
+                "devices": [{"name": d.name, "type": d.type, "backend": getattr(d, "backend", None),
+                             "size": getattr(d, "size", None), "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
+                "workloads": results, "balloon": balloon_info, "ok": ok}
     finally:
+        await m.aclose()
         m.stop()
 
 
@@ -175,6 +256,11 @@ def _summary(console: Console, r: dict) -> None:
                   f"{w['bw_bytes'] / 1e6:,.1f}", str(w["lat_us"]["p50"]), str(w["lat_us"]["p99"]),
                   str(w["errors"]), {None: "-", True: "yes", False: "NO"}[w["verified"]])
     console.print(t)
+    b = r.get("balloon")
+    if b:
+        console.print(f"balloon: target {b['target_pages']} pages, actual {b['actual_pages']} pages; guest RAM "
+                      f"{format_size(b['ram_bytes'])}, host-resident {b['resident_bytes'] / 2**20:.1f} MiB; "
+                      f"guest reports free {b.get('stats', {}).get('free_memory', 0) / 2**20:.1f} MiB")
     console.print("[bold green]OK[/]" if r["ok"] else "[bold red]FAILED[/]")
 
 
@@ -187,7 +273,8 @@ def run_machine_command(args: argparse.Namespace) -> int:
         cfg.duration = args.duration
     console = Console(stderr=args.json)
     result = asyncio.run(run_machine(cfg, metrics_port=args.metrics_port,
-                                     progress=not args.no_progress and console.is_terminal, console=console))
+                                     progress=not args.no_progress and console.is_terminal, console=console,
+                                     control=args.control))
     if args.json:
         print(json.dumps(result))
     else:
