@@ -283,6 +283,23 @@ class VirtioBlkDriver:
         limit = self.config.size_max if self.transport.has(s.VIRTIO_BLK_F_SIZE_MAX) and self.config.size_max else nbytes
         return [(gpa + off, min(limit, nbytes - off)) for off in range(0, nbytes, limit)]
 
+    def max_request_bytes(self) -> int:
+        """Largest read/write one chain can carry: seg_max segments of size_max, within the ring."""
+        assert self.config is not None and self.queues
+        cfg = self.config
+        seg_size = cfg.size_max if self.transport.has(s.VIRTIO_BLK_F_SIZE_MAX) and cfg.size_max else 1 << 20
+        q = self.queues[0].q
+        max_chain = max(q.indirect_max if q.indirect else 0, q.size)
+        segs = max_chain - 2
+        if self.transport.has(s.VIRTIO_BLK_F_SEG_MAX) and cfg.seg_max:
+            segs = min(segs, cfg.seg_max)
+        return max(1, segs) * seg_size // s.SECTOR_SIZE * s.SECTOR_SIZE
+
+    def _pieces(self, sector: int, nbytes: int) -> list[tuple[int, int, int]]:
+        """(sector, byte offset, length) pieces that each fit one chain."""
+        step = self.max_request_bytes()
+        return [(sector + off // s.SECTOR_SIZE, off, min(step, nbytes - off)) for off in range(0, nbytes, step)]
+
     def _check(self, sector: int, nbytes: int) -> None:
         if nbytes <= 0 or nbytes % s.SECTOR_SIZE:
             raise ValueError(f"length {nbytes} is not a positive multiple of {s.SECTOR_SIZE}")
@@ -294,7 +311,8 @@ class VirtioBlkDriver:
         alloc = self.transport.alloc
         gpa = alloc.alloc(nbytes)
         try:
-            await self._request(s.VIRTIO_BLK_T_IN, sector, self._segments(gpa, nbytes))
+            await asyncio.gather(*(self._request(s.VIRTIO_BLK_T_IN, sec, self._segments(gpa + off, n))
+                                   for sec, off, n in self._pieces(sector, nbytes)))
             return self.transport.mem.read(gpa, nbytes)
         finally:
             alloc.free_range(gpa, -(-nbytes // PAGE_SIZE))
@@ -305,7 +323,8 @@ class VirtioBlkDriver:
         gpa = alloc.alloc(len(data))
         try:
             self.transport.mem.write(gpa, data)
-            await self._request(s.VIRTIO_BLK_T_OUT, sector, self._segments(gpa, len(data)))
+            await asyncio.gather(*(self._request(s.VIRTIO_BLK_T_OUT, sec, self._segments(gpa + off, n))
+                                   for sec, off, n in self._pieces(sector, len(data))))
         finally:
             alloc.free_range(gpa, -(-len(data) // PAGE_SIZE))
 

@@ -89,6 +89,8 @@ class PageAllocator:
         return self.alloc_pages(max(1, -(-nbytes // self.page_size)))
 
     def free_range(self, gpa: int, npages: int) -> None:
+        if npages <= 0:
+            raise ValueError(f"free of {npages} pages")
         start = (gpa - self.base_gpa) // self.page_size
         if (gpa - self.base_gpa) % self.page_size or start < 0 or start + npages > self.total_pages:
             raise ValueError(f"free of invalid range {gpa:#x}+{npages} pages")

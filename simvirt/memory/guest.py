@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Optional
@@ -104,15 +105,15 @@ class GuestMemory:
         Like libvhost-user we map ``size + mmap_offset`` bytes from offset 0,
         so an offset that is not page aligned still works.
         """
-        if size <= 0:
+        if size <= 0 or mmap_offset < 0 or size + mmap_offset > sys.maxsize:
             os.close(fd)
-            raise ValueError("memory region of size 0")
+            raise ValueError(f"memory region of size {size:#x} at mmap offset {mmap_offset:#x} is unmappable")
         try:
             mm = mmap.mmap(fd, size + mmap_offset, flags=mmap.MAP_SHARED,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError):
+        except (OSError, ValueError, OverflowError) as e:
             os.close(fd)
-            raise
+            raise ValueError(f"cannot map memory region of size {size:#x}: {e}") from None
         view = memoryview(mm)[mmap_offset:mmap_offset + size]
         return MemoryRegion(gpa=gpa, size=size, view=view, user_addr=user_addr,
                             mmap_offset=mmap_offset, fd=fd, _mmap=mm)
@@ -158,6 +159,8 @@ class GuestMemory:
 
     def translate_user(self, uaddr: int, length: int) -> memoryview:
         """Frontend-virtual ``[uaddr, uaddr+length)``: how vhost-user names ring areas."""
+        if length < 0:
+            raise GuestAddressError(uaddr, length, space="user")
         for r in self.regions:
             off = uaddr - r.user_addr
             if 0 <= off and off + length <= r.size:

@@ -140,7 +140,9 @@ class BackendSession:
             if msg.need_reply and self.has_protocol(ProtocolFeature.REPLY_ACK) and msg.request not in p.REQUESTS_WITH_REPLY:
                 log.warning("%s failed: %s", msg.name, e)
                 return [p.reply_to(msg, p.encode_u64(1))]
-            raise
+            if isinstance(e, ProtocolError):
+                raise
+            raise ProtocolError(f"{msg.name}: {e}") from e
         if reply is not None:
             return [p.reply_to(msg, reply)]
         if msg.need_reply and self.has_protocol(ProtocolFeature.REPLY_ACK):

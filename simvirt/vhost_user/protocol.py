@@ -160,18 +160,21 @@ def reply_to(msg: Message, payload: bytes) -> Message:
 class MessageParser:
     """Incremental parser: feed bytes and fds, get complete messages.
 
-    fds received with a header are attached to the message that header
-    starts, which is how every vhost-user implementation pairs them.
+    fds belong to the message whose header starts at or after the stream
+    offset where they arrived (SCM_RIGHTS data rides on the first byte of the
+    sendmsg that carried them), which is how vhost-user pairs them even when
+    one read returns the tail of a message and the whole next one.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        self._consumed = 0  # stream offset of _buf[0]
+        self._fds: list[tuple[int, list[int]]] = []  # (stream offset, fds)
 
     def feed(self, data: bytes, fds: list[int] | None = None) -> list[Message]:
-        self._buf += data
         if fds:
-            self._fds.extend(fds)
+            self._fds.append((self._consumed + len(self._buf), list(fds)))
+        self._buf += data
         out = []
         while len(self._buf) >= HEADER_SIZE:
             request, flags, size = HEADER.unpack_from(self._buf)
@@ -181,14 +184,25 @@ class MessageParser:
                 raise ProtocolError(f"bad protocol version in flags {flags:#x}")
             if len(self._buf) < HEADER_SIZE + size:
                 break
+            start = self._consumed
+            end = start + HEADER_SIZE + size
             payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + size])
             del self._buf[:HEADER_SIZE + size]
-            fds_now, self._fds = self._fds, []
-            out.append(Message(request, flags, payload, fds_now))
+            self._consumed = end
+            mine: list[int] = []
+            rest = []
+            for off, fl in self._fds:
+                if off < end:
+                    mine.extend(fl)
+                else:
+                    rest.append((off, fl))
+            self._fds = rest
+            out.append(Message(request, flags, payload, mine))
         return out
 
     def pending_fds(self) -> list[int]:
-        fds, self._fds = self._fds, []
+        fds = [fd for _, fl in self._fds for fd in fl]
+        self._fds = []
         return fds
 
 

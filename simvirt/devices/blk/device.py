@@ -247,8 +247,9 @@ class BlkDevice(VirtioDevice):
             return 0
         except ChainLayoutError as e:
             self._error(e.reason, str(e))
-            if wr and len(wr[-1]):
-                wr[-1][-1] = s.VIRTIO_BLK_S_IOERR
+            status = self._status_view(descs, translate)  # only ever the chain's final byte
+            if status is not None:
+                status[0] = s.VIRTIO_BLK_S_IOERR
                 return 1
             return 0
         # Status: the last byte of the last writable buffer.
