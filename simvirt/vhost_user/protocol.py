@@ -192,7 +192,7 @@ class MessageParser:
             mine: list[int] = []
             rest = []
             for off, fl in self._fds:
-                if off < end:
+                if off <= start:
                     mine.extend(fl)
                 else:
                     rest.append((off, fl))
