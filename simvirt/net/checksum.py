@@ -49,11 +49,11 @@ def ones_sum(data: Buffer, initial: int = 0) -> int:
         return fold(value + initial)
     mv = memoryview(data)
     total = initial
-    end = n - (n & 1)
-    for i in range(0, end, _CHUNK):
-        total += _from_bytes(mv[i : i + _CHUNK], "big")
     if n & 1:
         total += mv[n - 1] << 8
+        mv = mv[: n - 1]
+    for i in range(0, n - 1, _CHUNK):
+        total += _from_bytes(mv[i : i + _CHUNK], "big")
     return fold(total)
 
 
