@@ -132,7 +132,7 @@ def parse_ethernet(frame: Buffer) -> Ethernet:
             raise PacketError("more than two VLAN tags")
         if len(frame) < off + VLAN_HLEN:
             raise PacketError("truncated VLAN tag")
-        tci, ethertype = _HH.unpack_from(frame, off - 2)
+        tci, ethertype = _HH.unpack_from(frame, off)
         tcis.append(tci)
         off += VLAN_HLEN
     return Ethernet(dst, src, ethertype, tuple(tcis), off)
