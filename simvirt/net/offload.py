@@ -190,22 +190,38 @@ def segment(frame: Buffer, hdr: VirtioNetHdr, *, ecn_negotiated: bool = True) ->
 
 
 def _segment_l4(frame: Buffer, lay: _Layout, mss: int) -> list[bytes]:
-    """TSO and USO: replicate headers, one transport header per segment."""
+    """TSO and USO: replicate headers, one transport header per segment.
+
+    The header sums are computed once, with every per-segment field (IP
+    length/id, TCP seq/flags, UDP length, checksums) zeroed; each segment
+    then adds its own field values, which is valid because a ones'-complement
+    sum only cares about word values, not positions (a 32-bit seq is
+    congruent to the sum of its two halves).  Per segment that leaves one
+    pass over the payload chunk.
+    """
     mv = memoryview(frame)
     l3, l4, hdr_end = lay.l3_off, lay.l4_off, lay.hdr_end
     is_tcp = lay.proto == IPPROTO_TCP
+    v4 = lay.v4
     csum_at = l4 + (TCP_CSUM_OFFSET if is_tcp else UDP_CSUM_OFFSET)
     template = bytearray(mv[:hdr_end])
     template[csum_at : csum_at + 2] = b"\0\0"
-    if lay.v4:
-        template[l3 + 10 : l3 + 12] = b"\0\0"
+    if is_tcp:
+        template[l4 + 4 : l4 + 8] = b"\0\0\0\0"  # seq
+        template[l4 + 13] = 0  # flags
+    else:
+        template[l4 + 4 : l4 + 6] = b"\0\0"  # UDP length
+    if v4:
+        template[l3 + 2 : l3 + 6] = b"\0\0\0\0"  # total length, id
+        template[l3 + 10 : l3 + 12] = b"\0\0"  # header checksum
+    ip_base = ones_sum(memoryview(template)[l3:l4]) if v4 else 0
+    l4_base = ones_sum(memoryview(template)[l4:hdr_end], pseudo_header_sum(lay.src, lay.dst, lay.proto, 0))
     payload = mv[hdr_end:]
     plen = len(payload)
     hdrs_len = hdr_end - l3  # IP header(s) + transport header
     l3_hlen = l4 - l3
     if hdrs_len + min(mss, plen) > IPV4_MAX_LEN:
         raise OffloadError(f"gso_size {mss} gives IP packets over 65535 bytes")
-    src, dst, proto = lay.src, lay.dst, lay.proto
     seq0, flags0, ident0 = lay.tcp_seq, lay.tcp_flags, lay.ident
     zero_as_ffff = not is_tcp
     out: list[bytes] = []
@@ -220,19 +236,22 @@ def _segment_l4(frame: Buffer, lay: _Layout, mss: int) -> list[bytes]:
                 flags &= ~TCP_CWR
             if start + mss < plen:
                 flags &= ~(TCP_FIN | TCP_PSH)
-            _U32.pack_into(h, l4 + 4, (seq0 + start) & 0xFFFFFFFF)
+            seq = (seq0 + start) & 0xFFFFFFFF
+            _U32.pack_into(h, l4 + 4, seq)
             h[l4 + 13] = flags
+            fields = l4_len + seq + flags  # pseudo-header length, seq, flags byte (low half of its word)
         else:
             _U16.pack_into(h, l4 + 4, l4_len)
-        if lay.v4:
-            _HH.pack_into(h, l3 + 2, ip_len, (ident0 + i) & 0xFFFF)
-            _U16.pack_into(h, l3 + 10, internet_checksum(memoryview(h)[l3:l4]))
+            fields = 2 * l4_len  # in the pseudo header and in the UDP header
+        if v4:
+            ident = (ident0 + i) & 0xFFFF
+            _HH.pack_into(h, l3 + 2, ip_len, ident)
+            _U16.pack_into(h, l3 + 10, finish(ip_base + ip_len + ident, zero_as_ffff=False))
         else:
             _U16.pack_into(h, l3 + 4, ip_len - IPV6_HLEN)
         # TCP/UDP headers are a multiple of 4 bytes, so the payload starts on
         # a 16-bit word boundary and its sum simply adds on.
-        s = ones_sum(chunk, ones_sum(memoryview(h)[l4:], pseudo_header_sum(src, dst, proto, l4_len)))
-        _U16.pack_into(h, csum_at, finish(s, zero_as_ffff=zero_as_ffff))
+        _U16.pack_into(h, csum_at, finish(ones_sum(chunk, l4_base + fields), zero_as_ffff=zero_as_ffff))
         out.append(b"".join((h, chunk)))
     return out
 

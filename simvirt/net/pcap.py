@@ -67,15 +67,22 @@ class PcapEncoder:
         magic = MAGIC_NS if self.nanoseconds else MAGIC_US
         return _GLOBAL.pack(magic, VERSION_MAJOR, VERSION_MINOR, 0, 0, self.snaplen, self.linktype)
 
-    def record(self, frame: Buffer, ts_ns: int) -> bytes:
-        """Record header plus the frame, truncated to ``snaplen``."""
+    def record_parts(self, frame: Buffer, ts_ns: int) -> tuple[bytes, bytes]:
+        """(record header, captured bytes): the frame is copied once, truncated to ``snaplen``.
+
+        Copying matters: callers pass memoryviews of guest buffers that the
+        guest reuses as soon as the descriptor is returned.
+        """
         sec, sub = divmod(ts_ns, 1_000_000_000)
         if not self.nanoseconds:
             sub //= 1000
         n = len(frame)
         cap = min(n, self.snaplen)
-        data = frame if cap == n else frame[:cap]
-        return _RECORD.pack(sec & 0xFFFFFFFF, sub, cap, n) + bytes(data)
+        return _RECORD.pack(sec & 0xFFFFFFFF, sub, cap, n), bytes(frame[:cap])
+
+    def record(self, frame: Buffer, ts_ns: int) -> bytes:
+        """Record header plus the frame, truncated to ``snaplen``."""
+        return b"".join(self.record_parts(frame, ts_ns))
 
 
 class PcapWriter:
@@ -115,9 +122,10 @@ class PcapWriter:
     def write(self, frame: Buffer, ts_ns: int | None = None) -> None:
         if self.closed:
             raise ValueError("write to a closed PcapWriter")
-        rec = self._enc.record(frame, self._clock() if ts_ns is None else ts_ns)
-        self._pending.append(rec)
-        self._pending_bytes += len(rec)
+        head, data = self._enc.record_parts(frame, self._clock() if ts_ns is None else ts_ns)
+        self._pending.append(head)
+        self._pending.append(data)
+        self._pending_bytes += RECORD_HEADER_LEN + len(data)
         self.frames += 1
         if self._pending_bytes >= self._flush_bytes:
             self.flush()

@@ -378,7 +378,8 @@ def pack_vq_pairs(pairs: int) -> bytes:
 def unpack_vq_pairs(data: bytes | bytearray | memoryview) -> int:
     if len(data) != 2:
         raise ValueError("VQ_PAIRS_SET data must be 2 bytes")
-    return _U16.unpack(data)[0]
+    (pairs,) = _U16.unpack(data)
+    return int(pairs)
 
 
 def pack_guest_offloads(offloads: int) -> bytes:
@@ -389,7 +390,8 @@ def pack_guest_offloads(offloads: int) -> bytes:
 def unpack_guest_offloads(data: bytes | bytearray | memoryview) -> int:
     if len(data) != 8:
         raise ValueError("GUEST_OFFLOADS_SET data must be 8 bytes")
-    return _U64.unpack(data)[0]
+    (offloads,) = _U64.unpack(data)
+    return int(offloads)
 
 
 # Offloads GUEST_OFFLOADS_SET can toggle: the GUEST_* receive offloads
