@@ -22,7 +22,13 @@ from simvirt.net.pcap import (
     iter_pcap,
     read_pcap,
 )
-from simvirt.net.spec import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr
+from simvirt.net.spec import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VirtioNetHdr,
+)
 from tests.conftest import require_tool
 
 G = bytes.fromhex("525400123456")
@@ -30,12 +36,23 @@ H = bytes.fromhex("52550a000202")
 T0 = 1_700_000_000_123_456_789
 
 
-def sample_frames():
+def software_gso_frames():
+    """3 TSO4 + 3 TSO6 + 3 USO segments, all checksummed by simvirt.net.offload."""
     payload = os.urandom(4000)
-    tso = P.tcp_frame(G, H, P.ip_bytes("10.0.2.15"), P.ip_bytes("10.0.2.2"), 40000, 5001, 1000, 1,
-                      P.TCP_ACK | P.TCP_PSH, payload, checksum="partial")
-    segs = segment(tso, VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16))
-    return segs + [
+    v4 = (P.ip_bytes("10.0.2.15"), P.ip_bytes("10.0.2.2"))
+    v6 = (P.ip_bytes("fec0::15"), P.ip_bytes("fec0::2"))
+    tso4 = P.tcp_frame(G, H, *v4, 40000, 5001, 1000, 1, P.TCP_ACK | P.TCP_PSH, payload, checksum="partial")
+    tso6 = P.tcp_frame(G, H, *v6, 40000, 5001, 1000, 1, P.TCP_ACK | P.TCP_PSH, payload, checksum="partial")
+    uso = P.udp_frame(G, H, *v4, 4000, 9, payload, checksum="partial")
+    return (
+        segment(tso4, VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16))
+        + segment(tso6, VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 74, 1440, 54, 16))
+        + segment(uso, VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 42, 1472, 34, 6))
+    )
+
+
+def sample_frames():
+    return software_gso_frames() + [
         P.arp_frame(P.ARP_REQUEST, G, P.ip_bytes("10.0.2.15"), P.ZERO_MAC, P.ip_bytes("10.0.2.2")),
         P.udp_frame(G, H, P.ip_bytes("fec0::15"), P.ip_bytes("fec0::2"), 5, 7, b"hello"),
     ]
@@ -142,7 +159,10 @@ def test_tcpdump_reads_our_file_and_agrees_on_checksums(tmp_path):
     for i in range(len(frames)):  # nanosecond timestamps survive exactly
         ts = T0 + i
         assert f"{ts // 10**9}.{ts % 10**9:09d} " in out
-    assert out.count("(correct)") == 3  # tcpdump verified every software-TSO segment's TCP checksum
-    assert "[udp sum ok]" in out and "Request who-has 10.0.2.2 tell 10.0.2.15" in out
+    # tcpdump verified every software-GSO segment's L4 checksum (and the IPv4 header checksums:
+    # it would print "bad cksum" otherwise).
+    assert out.count("(correct)") == 6  # TCP over IPv4 and IPv6
+    assert out.count("[udp sum ok]") == 3 + 1  # USO segments + the plain IPv6 datagram
+    assert "Request who-has 10.0.2.2 tell 10.0.2.15" in out
     assert "bad" not in out and "incorrect" not in out
     assert "link-type EN10MB" in res.stderr
