@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("--metrics-addr", default="127.0.0.1")
     bal.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
 
+    net = dsub.add_parser("net", help="vhost-user-net backend")
+    net.add_argument("--socket", required=True, help="unix socket path to listen on")
+    net.add_argument("--backend", default="responder", help="responder (QEMU user-net-like gateway at 10.0.2.2)")
+    net.add_argument("--mac", default="52:54:00:12:34:56")
+    net.add_argument("--mtu", type=int, default=1500)
+    net.add_argument("--queues", type=_positive_int, default=1, help="queue pairs (VIRTIO_NET_F_MQ when > 1)")
+    net.add_argument("--pcap", help="write every frame (both directions) to this pcap file")
+    net.add_argument("--metrics-port", type=int)
+    net.add_argument("--metrics-addr", default="127.0.0.1")
+    net.add_argument("--vm", default="standalone")
+    net.add_argument("--poll-us", type=float, default=20.0)
+
     ctl = sub.add_parser("ctl", help="talk to a control socket (device process or simvirt run)")
     ctl.add_argument("control_socket", metavar="SOCKET")
     ctl.add_argument("ctl_command", metavar="COMMAND", help="balloon SIZE | balloon-stats | info")

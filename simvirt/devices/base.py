@@ -76,6 +76,10 @@ class VirtioDevice:
     def queue_stopped(self, index: int) -> None:
         """A ring was stopped (GET_VRING_BASE) or the frontend went away."""
 
+    def passive_ring(self, index: int) -> bool:
+        """True for rings whose buffers the device consumes on its own schedule (net rx)."""
+        return False
+
     def reset(self) -> None:
         """The frontend disconnected or reset the device: drop guest state."""
         self.acked_features = 0

@@ -38,4 +38,36 @@ def run_device_command(args: argparse.Namespace) -> int:
         bdev = BalloonDevice(vm=args.vm, stats_interval=args.stats_interval)
         return run_device(bdev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                           poll_us=0.0, control_path=args.control, control_handler=balloon_handler(bdev))
+    if args.device == "net":
+        return _run_net(args)
     raise ValueError(f"unknown device {args.device}")
+
+
+def _run_net(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from simvirt.devices.net.device import NetDevice
+    from simvirt.devices.net.peers import PcapPeer, ResponderPeer
+    from simvirt.devices.runner import install_uvloop, serve_device
+    from simvirt.net.packets import parse_mac
+
+    if args.backend != "responder":
+        raise ValueError(f"backend {args.backend!r} is not available yet (supported: responder)")
+    if not 68 <= args.mtu <= 65535:
+        raise ValueError("--mtu must be 68..65535")
+    dev = NetDevice(mac=parse_mac(args.mac), mtu=args.mtu, queue_pairs=args.queues, vm=args.vm)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        peer = ResponderPeer(dev, loop)
+        dev.peer = PcapPeer(peer, dev, args.pcap) if args.pcap else peer
+        try:
+            await serve_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                               poll_us=args.poll_us)
+        finally:
+            if args.pcap:
+                dev.peer.close()  # type: ignore[union-attr]
+
+    install_uvloop()
+    asyncio.run(main())
+    return 0

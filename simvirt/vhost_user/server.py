@@ -154,6 +154,7 @@ class VhostUserServer:
             except (BlockingIOError, OSError):
                 pass
         if not vr.active:
+            log.debug("%s: kick on inactive ring %d (started=%s enabled=%s)", self.device.label, index, vr.started, vr.enabled)
             return
         assert vr.stats is not None
         vr.stats.kicks += fd >= 0
@@ -165,6 +166,16 @@ class VhostUserServer:
         stats = vr.stats
         assert queue is not None and stats is not None
         device = self.device
+        if device.passive_ring(vr.index):
+            # Buffers the device takes on its own schedule (net rx): a kick just
+            # means "more buffers", never "work to drain".
+            try:
+                device.process_queue(vr.index, queue, stats)
+            except VirtqueueError as e:
+                metrics.count_error(device.vm, device.label, e.reason)
+            if vr.queue is queue:
+                queue.enable_notification()
+            return
         poll_ns = self.poll_ns
         total = 0
         try:

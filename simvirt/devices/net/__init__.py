@@ -1,0 +1,1 @@
+"""virtio-net device (vhost-user-net backend) and its peers."""

@@ -1,0 +1,389 @@
+"""virtio-net device logic (virtio 1.2, section 5.1), transport-agnostic.
+
+Transmit: each chain is a 12-byte ``virtio_net_hdr`` and a frame, all
+device-readable. Offloads the peer can't take are done here: a NEEDS_CSUM
+frame gets its checksum completed, a GSO super-frame is segmented. Receive:
+frames from the peer fill the guest's posted buffers; with MRG_RXBUF one
+frame may span several chains (``num_buffers`` says how many). Malformed
+chains, frames over the MTU, frames shorter than the header and receive
+buffers too small for a frame are drops counted by reason; the queue goes on.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Optional, Protocol
+
+from simvirt import metrics
+from simvirt.devices.base import VirtioDevice
+from simvirt.memory.guest import GuestAddressError
+from simvirt.net import spec as ns
+from simvirt.net.offload import complete_checksum, segment
+from simvirt.net.packets import is_broadcast, is_multicast
+from simvirt.virtio.errors import VirtqueueError
+from simvirt.virtio.queue import Queue
+from simvirt.virtio.spec import VIRTIO_ID_NET, bit
+
+log = logging.getLogger(__name__)
+
+HDR = ns.VIRTIO_NET_HDR_SIZE
+RX_BACKLOG = 1024
+
+
+class NetPeer(Protocol):
+    """Where transmitted frames go (responder, switch, tap, stream...)."""
+
+    accepts_offload: bool
+
+    def send(self, frames: list[bytes]) -> None: ...
+
+
+class NetStats:
+    """Plain-int counters read at scrape time (see metrics.OpStats)."""
+
+    def __init__(self, vm: str, label: str) -> None:
+        self.tx = metrics.OpStats(vm, label, "tx")
+        self.rx = metrics.OpStats(vm, label, "rx")
+        self.drops: collections.Counter[str] = collections.Counter()
+
+
+class NetDevice(VirtioDevice):
+    device_id = VIRTIO_ID_NET
+    name = "net"
+    max_queue_size = 1024
+
+    def __init__(self, *, mac: bytes, mtu: int = 1500, queue_pairs: int = 1, vm: str = "standalone",
+                 label: Optional[str] = None) -> None:
+        super().__init__(2 * queue_pairs + 1, vm=vm, device_label=label)
+        self.mac = mac
+        self.mtu = mtu
+        self.pairs = queue_pairs
+        self.peer: Optional[NetPeer] = None
+        self.signal = lambda index: None
+        self.promisc = False
+        self.allmulti = False
+        self.mac_table: set[bytes] = set()
+        self.active_pairs = 1
+        self.rx_queues: dict[int, Queue] = {}
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.stats = NetStats(vm, self.label)
+        self.pcap = None
+
+    # -- negotiation and config ------------------------------------------
+    def device_features(self) -> int:
+        f = super().device_features()
+        for b in (ns.VIRTIO_NET_F_MAC, ns.VIRTIO_NET_F_STATUS, ns.VIRTIO_NET_F_MTU, ns.VIRTIO_NET_F_MRG_RXBUF,
+                  ns.VIRTIO_NET_F_CSUM, ns.VIRTIO_NET_F_GUEST_CSUM, ns.VIRTIO_NET_F_HOST_TSO4,
+                  ns.VIRTIO_NET_F_HOST_TSO6, ns.VIRTIO_NET_F_GUEST_TSO4, ns.VIRTIO_NET_F_GUEST_TSO6,
+                  ns.VIRTIO_NET_F_CTRL_VQ, ns.VIRTIO_NET_F_CTRL_RX, ns.VIRTIO_NET_F_CTRL_MAC_ADDR):
+            f |= bit(b)
+        if self.pairs > 1:
+            f |= bit(ns.VIRTIO_NET_F_MQ)
+        return f
+
+    def config(self) -> bytes:
+        return ns.NetConfig(mac=self.mac, status=ns.VIRTIO_NET_S_LINK_UP, max_virtqueue_pairs=self.pairs,
+                            mtu=self.mtu).pack()
+
+    def reset(self) -> None:
+        super().reset()
+        self.promisc = self.allmulti = False
+        self.mac_table.clear()
+        self.active_pairs = 1
+        self.rx_queues.clear()
+        self.backlog.clear()
+
+    def _role(self, index: int) -> tuple[str, int]:
+        ctrl = self.has_feature(ns.VIRTIO_NET_F_CTRL_VQ)
+        pairs = self.pairs if self.has_feature(ns.VIRTIO_NET_F_MQ) else 1
+        try:
+            return ns.queue_role(index, pairs, ctrl)
+        except ValueError:
+            return ("none", 0)
+
+    def passive_ring(self, index: int) -> bool:
+        return self._role(index)[0] == "rx"
+
+    def queue_started(self, index: int, queue: Queue) -> None:
+        role, pair = self._role(index)
+        if role == "rx":
+            self.rx_queues[pair] = queue
+
+    def queue_stopped(self, index: int) -> None:
+        role, pair = self._role(index)
+        if role == "rx":
+            self.rx_queues.pop(pair, None)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.stats.drops[reason] += n
+        metrics.count_error(self.vm, self.label, reason, n)
+
+    # -- queues -----------------------------------------------------------
+    def process_queue(self, index: int, queue: Queue, stats: metrics.QueueStats) -> None:
+        role, pair = self._role(index)
+        if role == "tx":
+            self._tx(queue, stats)
+        elif role == "rx":
+            # New receive buffers: drain what waited for them.
+            self.rx_queues[pair] = queue
+            if self.backlog:
+                self.deliver([])
+        elif role == "ctrl":
+            self._ctrl(queue, stats)
+
+    def _tx(self, queue: Queue, stats: metrics.QueueStats) -> None:
+        heads = queue.pop_heads(256)
+        stats.chains += len(heads)
+        frames: list[bytes] = []
+        translate = queue.mem.translate
+        max_frame = self.mtu + 14 + 4
+        nbytes = 0
+        for head in heads:
+            try:
+                descs = queue.walk(head)
+                stats.descriptors += len(descs)
+                parts = []
+                for addr, length, flags in descs:
+                    if flags & 2:
+                        raise ValueError("device-writable descriptor in a transmit chain")
+                    parts.append(translate(addr, length))
+            except VirtqueueError as e:
+                self._drop(e.reason)
+                queue.add_used(head, 0)
+                continue
+            except GuestAddressError:
+                self._drop("bad_address")
+                queue.add_used(head, 0)
+                continue
+            except ValueError:
+                self._drop("tx_writable_descriptor")
+                queue.add_used(head, 0)
+                continue
+            data = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+            queue.add_used(head, 0)
+            if len(data) < HDR + 14:
+                self._drop("tx_short_frame")
+                continue
+            hdr = ns.VirtioNetHdr.unpack(data)
+            frame = data[HDR:]
+            gso = hdr.gso_type & ~ns.VIRTIO_NET_HDR_GSO_ECN
+            try:
+                if gso != ns.VIRTIO_NET_HDR_GSO_NONE:
+                    if self.peer is not None and self.peer.accepts_offload:
+                        frames.append(data)  # peers that take offload get the header too
+                        nbytes += len(frame)
+                        continue
+                    segs = segment(frame, hdr)
+                    frames.extend(segs)
+                    nbytes += sum(len(x) for x in segs)
+                    continue
+                if len(frame) > max_frame:
+                    self._drop("tx_oversize")
+                    continue
+                if hdr.flags & ns.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                    frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
+            except ValueError as e:
+                log.debug("tx offload failed: %s", e)
+                self._drop("tx_bad_offload")
+                continue
+            frames.append(frame)
+            nbytes += len(frame)
+        self.stats.tx.requests += len(frames)
+        self.stats.tx.bytes += nbytes
+        if frames:
+            if self.peer is None:
+                self._drop("no_peer", len(frames))
+            else:
+                self.peer.send(frames)
+
+    # -- receive ----------------------------------------------------------
+    def accepts(self, frame: bytes) -> bool:
+        """The receive filter (CTRL_RX / MAC table semantics)."""
+        if self.promisc:
+            return True
+        dst = frame[:6]
+        if dst == self.mac or is_broadcast(dst):
+            return True
+        if is_multicast(dst):
+            return self.allmulti or dst in self.mac_table
+        return dst in self.mac_table
+
+    def deliver(self, frames: list[bytes], pair: int = 0) -> int:
+        """Frames from the peer toward the guest; returns how many were placed."""
+        queue = self.rx_queues.get(pair)
+        backlog = self.backlog
+        for f in frames:
+            if self.accepts(f):
+                backlog.append(f)
+            else:
+                self._drop("rx_filtered")
+        if len(backlog) > RX_BACKLOG:
+            n = len(backlog) - RX_BACKLOG
+            for _ in range(n):
+                backlog.popleft()
+            self._drop("rx_no_buffer", n)
+        if queue is None or not backlog:
+            return 0
+        placed = 0
+        before = queue.next_used
+        mrg = self.has_feature(ns.VIRTIO_NET_F_MRG_RXBUF)
+        translate = queue.mem.translate
+        nbytes = 0
+        try:
+            while backlog:
+                frame = backlog[0]
+                if queue.pending() == 0:
+                    break
+                if mrg:
+                    ok = self._rx_mergeable(queue, frame, translate)
+                else:
+                    ok = self._rx_single(queue, frame, translate)
+                if ok is None:
+                    break  # ran out of buffers mid-frame: retry when more are posted
+                backlog.popleft()
+                if ok:
+                    placed += 1
+                    nbytes += len(frame)
+        except VirtqueueError as e:
+            self._drop(e.reason)
+        self.stats.rx.requests += placed
+        self.stats.rx.bytes += nbytes
+        if queue.next_used != before:
+            self.signal(ns.rx_queue_index(pair))
+        return placed
+
+    def _writable(self, queue: Queue, head: int, translate) -> Optional[list[memoryview]]:
+        try:
+            descs = queue.walk(head)
+            views = []
+            for addr, length, flags in descs:
+                if not flags & 2:
+                    raise ValueError("device-readable descriptor in a receive chain")
+                views.append(translate(addr, length))
+            return views
+        except (VirtqueueError, GuestAddressError, ValueError):
+            self._drop("rx_bad_chain")
+            queue.add_used(head, 0)
+            return None
+
+    def _rx_single(self, queue: Queue, frame: bytes, translate) -> Optional[bool]:
+        head = queue.pop_heads(1)[0]
+        views = self._writable(queue, head, translate)
+        if views is None:
+            return False
+        need = HDR + len(frame)
+        if sum(len(v) for v in views) < need:
+            self._drop("rx_buffer_too_small")
+            queue.add_used(head, 0)
+            return False
+        _scatter(views, ns.VirtioNetHdr(num_buffers=1).pack() + frame)
+        queue.add_used(head, need)
+        return True
+
+    def _rx_mergeable(self, queue: Queue, frame: bytes, translate) -> Optional[bool]:
+        data = ns.VirtioNetHdr(num_buffers=1).pack() + frame
+        total = len(data)
+        # Count first: a frame only goes in if all the buffers it needs are there.
+        used: list[tuple[int, int]] = []
+        off = 0
+        first_view: Optional[memoryview] = None
+        while off < total:
+            if queue.pending() == 0:
+                if used:
+                    # Out of buffers mid-frame: hand back what we took, drop the frame.
+                    for h, _ in used:
+                        queue.add_used(h, 0)
+                    self._drop("rx_no_buffer")
+                    return False
+                return None
+            head = queue.pop_heads(1)[0]
+            views = self._writable(queue, head, translate)
+            if views is None:
+                continue
+            n = 0
+            for v in views:
+                take = min(len(v), total - off)
+                v[:take] = data[off:off + take]
+                if first_view is None:
+                    first_view = v
+                off += take
+                n += take
+                if off == total:
+                    break
+            used.append((head, n))
+        assert first_view is not None
+        first_view[10:12] = len(used).to_bytes(2, "little")
+        queue.add_used_many(used)
+        return True
+
+    # -- control queue ----------------------------------------------------
+    def _ctrl(self, queue: Queue, stats: metrics.QueueStats) -> None:
+        translate = queue.mem.translate
+        for head in queue.pop_heads():
+            stats.chains += 1
+            try:
+                descs = queue.walk(head)
+                rd = [translate(a, n) for a, n, f in descs if not f & 2]
+                wr = [translate(a, n) for a, n, f in descs if f & 2]
+            except (VirtqueueError, GuestAddressError):
+                self._drop("ctrl_bad_chain")
+                queue.add_used(head, 0)
+                continue
+            if not wr or not len(wr[-1]):
+                self._drop("ctrl_no_ack")
+                queue.add_used(head, 0)
+                continue
+            data = b"".join(rd)
+            ack = ns.VIRTIO_NET_OK if self._ctrl_command(data) else ns.VIRTIO_NET_ERR
+            wr[-1][-1] = ack
+            queue.add_used(head, 1)
+
+    def _ctrl_command(self, data: bytes) -> bool:
+        if len(data) < 2:
+            return False
+        cls, cmd, payload = data[0], data[1], data[2:]
+        if cls == ns.VIRTIO_NET_CTRL_RX and len(payload) >= 1:
+            on = bool(payload[0])
+            if cmd == ns.VIRTIO_NET_CTRL_RX_PROMISC:
+                self.promisc = on
+                return True
+            if cmd == ns.VIRTIO_NET_CTRL_RX_ALLMULTI:
+                self.allmulti = on
+                return True
+            return False
+        if cls == ns.VIRTIO_NET_CTRL_MAC:
+            if cmd == ns.VIRTIO_NET_CTRL_MAC_ADDR_SET and len(payload) == 6:
+                self.mac = bytes(payload)
+                return True
+            if cmd == ns.VIRTIO_NET_CTRL_MAC_TABLE_SET:
+                table: set[bytes] = set()
+                off = 0
+                for _ in range(2):  # unicast table, then multicast table
+                    if off + 4 > len(payload):
+                        return False
+                    n = int.from_bytes(payload[off:off + 4], "little")
+                    off += 4
+                    if off + 6 * n > len(payload):
+                        return False
+                    table.update(payload[off + 6 * i:off + 6 * i + 6] for i in range(n))
+                    off += 6 * n
+                self.mac_table = table
+                return True
+            return False
+        if cls == ns.VIRTIO_NET_CTRL_MQ and cmd == ns.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET and len(payload) >= 2:
+            n = int.from_bytes(payload[:2], "little")
+            if 1 <= n <= self.pairs:
+                self.active_pairs = n
+                return True
+            return False
+        return False
+
+
+def _scatter(views: list[memoryview], data: bytes) -> None:
+    off = 0
+    for v in views:
+        take = min(len(v), len(data) - off)
+        if take <= 0:
+            break
+        v[:take] = data[off:off + take]
+        off += take
