@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--poll-us", type=float, default=50.0)
     bc.add_argument("--json", action="store_true")
 
+    bp = bsub.add_parser("ping", help="ICMP echo round trips from the simvirt guest to 10.0.2.2")
+    bp.add_argument("--connect", metavar="SOCKET", help="an existing vhost-user-net backend (default: start one)")
+    bp.add_argument("--count", type=_positive_int, default=200)
+    bp.add_argument("--interval", type=float, default=0.0, help="seconds between pings")
+    bp.add_argument("--poll-us", type=float, default=50.0, help="driver polls the rx used ring this long after a send")
+    bp.add_argument("--json", action="store_true")
+
     bbal = bsub.add_parser("balloon", help="inflate/deflate timing and memory really returned to the host")
     bbal.add_argument("--ram", type=_size, default=2 << 30)
     bbal.add_argument("--inflate", type=_size, default=1 << 30)

@@ -20,6 +20,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if result["verified"] is False or result["errors"]:
             return 1
         return 0
+    if args.bench == "ping":
+        from simvirt.bench.ping import run_ping_bench
+        r = asyncio.run(run_ping_bench(args.connect, args.count, args.interval, args.poll_us))
+        if args.json:
+            print(json.dumps(r))
+        else:
+            lat, fl = r["rtt_us"], r["eventfd_rtt_us"]
+            print(f"ping 10.0.2.2: {r['received']}/{r['count']} replies, lost {r['lost']}")
+            print(f"  rtt us: p50={lat['p50']} p99={lat['p99']} max={lat['max']}")
+            print(f"  eventfd round trip us: p50={fl['p50']} p99={fl['p99']}  (ratio p50 {r['ratio_p50_to_eventfd_p50']})")
+        return 0 if r["lost"] == 0 else 1
     if args.bench == "balloon":
         from simvirt.bench.balloon import run_balloon_bench
         r = asyncio.run(run_balloon_bench(args.ram, args.inflate))

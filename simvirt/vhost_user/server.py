@@ -154,7 +154,6 @@ class VhostUserServer:
             except (BlockingIOError, OSError):
                 pass
         if not vr.active:
-            log.debug("%s: kick on inactive ring %d (started=%s enabled=%s)", self.device.label, index, vr.started, vr.enabled)
             return
         assert vr.stats is not None
         vr.stats.kicks += fd >= 0
