@@ -32,16 +32,25 @@ async def serve_control(path: str, handler: Handler) -> asyncio.AbstractServer:
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_REQUEST)
+        fed = consumed = 0
         try:
             while True:
                 data = await reader.read(4096)
                 if not data:
+                    if consumed < fed:  # EOF in the middle of a request
+                        writer.write(msgpack.packb({"ok": False, "error": "malformed request: truncated msgpack"}))
+                        await writer.drain()
                     break
+                fed += len(data)
                 try:
                     unpacker.feed(data)
-                    requests = list(unpacker)
+                    requests = []
+                    for obj in unpacker:
+                        requests.append(obj)
+                        consumed = unpacker.tell()  # end of the last complete request
                 except (msgpack.exceptions.BufferFull, ValueError, msgpack.exceptions.ExtraData) as e:
-                    writer.write(msgpack.packb({"ok": False, "error": f"malformed request: {e}"}))
+                    why = str(e) or type(e).__name__
+                    writer.write(msgpack.packb({"ok": False, "error": f"malformed request: {why}"}))
                     await writer.drain()
                     break
                 for req in requests:
@@ -118,6 +127,8 @@ def balloon_handler(device) -> Handler:
             device.set_guest_memory(parse_size(req["size"]))
             return device.info()
         if cmd == "balloon-target-pages":
+            if "pages" not in req:
+                raise ControlError("balloon-target-pages needs 'pages'")
             device.set_target_pages(int(req["pages"]))
             return device.info()
         if cmd == "balloon-stats":

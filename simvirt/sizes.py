@@ -8,6 +8,8 @@ _RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str | int) -> int:
+    if isinstance(text, bool):
+        raise ValueError(f"invalid size {text!r} (a boolean is not a size)")
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"negative size {text}")

@@ -288,15 +288,14 @@ class VirtioBalloonDriver:
         """The guest allocator ran dry: shrink the balloon synchronously (bounded wait)."""
         if not self.extents:
             return False
-        want = max(npages, PFNS)
-        runs = self._give_back(want)
+        bq = self.queues["deflateq"]
+        if not bq.free_bufs:
+            return False  # every deflate buffer is in flight: we cannot tell the host now
+        # One buffer holds at most a page of PFNs; larger needs take several OOM rounds.
+        runs = self._give_back(min(max(npages, PFNS), s.PAGE // 4))
         n = sum(r[1] for r in runs)
         self.actual -= n
         self.oom_deflations += 1
-        bq = self.queues["deflateq"]
-        if not bq.free_bufs:
-            self._release(runs)  # no buffer to tell the host with: only legal without MUST_TELL_HOST
-            return True
         buf = bq.free_bufs.pop()
         pfns = array.array("I")
         for gpa, cnt in runs:

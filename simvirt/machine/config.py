@@ -98,7 +98,8 @@ def _take(d: dict[str, Any], where: str, key: str, kind: type | tuple, default: 
             raise ConfigError(f"{where}: missing required key '{key}'")
         return default
     v = d.pop(key)
-    if kind is bool and not isinstance(v, bool) or not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
         raise ConfigError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {type(v).__name__} {v!r}")
     return v
 

@@ -178,8 +178,6 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             control_server = await serve_control(control_path, m.control)
             console.log(f"control socket: simvirt ctl {control_path} (balloon SIZE | balloon-stats | info)")
         runs: list[tuple[str, BlkWorkload]] = []
-        scripts = [asyncio.ensure_future(_balloon_script(m, wl, console))
-                   for wl in cfg.workloads if isinstance(wl, BalloonWorkloadConfig)]
         for wl in cfg.workloads:
             if isinstance(wl, BalloonWorkloadConfig):
                 continue
@@ -194,6 +192,9 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 console.log(f"{wl.device}: writing verification pattern to {format_size(nblocks * wl.bs)}")
                 await prefill(drv, run, o)
             runs.append((wl.device, run))
+        # Balloon steps are timed from here, where the workloads start (after any prefill).
+        scripts = [asyncio.ensure_future(_balloon_script(m, wl, console))
+                   for wl in cfg.workloads if isinstance(wl, BalloonWorkloadConfig)]
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(run.run(cfg.duration)) for _, run in runs]
         last: dict = {}

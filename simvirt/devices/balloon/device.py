@@ -90,10 +90,15 @@ class BalloonDevice(VirtioDevice):
         raise ValueError(f"balloon config write at {offset} (+{len(data)}): only actual (4) and poison_val (12) are writable")
 
     def reset(self) -> None:
+        """A new frontend starts with an empty balloon and no statistics."""
         super().reset()
         self.roles = s.queue_roles(0)
         self.actual = 0
         self.poison_val = 0
+        self.inflated = bytearray()
+        self.inflated_pages = 0
+        self.guest_stats = {}
+        self.stats_updated = None
         self._stats_held = None
         if self._stats_timer is not None:
             self._stats_timer.cancel()
