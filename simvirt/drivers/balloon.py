@@ -207,16 +207,10 @@ class VirtioBalloonDriver:
             if not runs:
                 break
             n = sum(r[1] for r in runs)
-            while not bq.free_bufs:
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                pending = [f for f in pending if not f.done()]
+            pending = await _wait_for_buffer(bq, pending)
             buf = bq.free_bufs.pop()
-            pfns = array.array("I")
-            for gpa, cnt in runs:
-                first = gpa >> s.VIRTIO_BALLOON_PFN_SHIFT
-                pfns.extend(range(first, first + cnt))
-            self.mem.write(buf, pfns.tobytes())
-            fut = self._submit(bq, buf, 4 * len(pfns))
+            nbytes = self._write_pfns(buf, runs)
+            fut = self._submit(bq, buf, nbytes)
             fut.add_done_callback(lambda _f, buf=buf, runs=runs, n=n: self._inflated(bq, buf, runs, n))
             pending.append(fut)
             moved += n
@@ -225,6 +219,16 @@ class VirtioBalloonDriver:
         if moved:
             self._write_actual()
         return moved
+
+    def _write_pfns(self, buf: int, runs: list[tuple[int, int]]) -> int:
+        """Write the runs' PFNs (le32, 4 KiB units) into ``buf``; returns the byte count."""
+        pfns = array.array("I")
+        for gpa, cnt in runs:
+            first = gpa >> s.VIRTIO_BALLOON_PFN_SHIFT
+            pfns.extend(range(first, first + cnt))
+        data = pfns.tobytes()
+        self.mem.write(buf, data)
+        return len(data)
 
     def _inflated(self, bq: _Queue, buf: int, runs: list[tuple[int, int]], n: int) -> None:
         bq.free_bufs.append(buf)
@@ -252,19 +256,13 @@ class VirtioBalloonDriver:
         while moved < pages and self.extents:
             runs = self._give_back(min(PFNS, pages - moved))
             n = sum(r[1] for r in runs)
-            while not bq.free_bufs:
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                pending = [f for f in pending if not f.done()]
+            pending = await _wait_for_buffer(bq, pending)
             buf = bq.free_bufs.pop()
-            pfns = array.array("I")
-            for gpa, cnt in runs:
-                first = gpa >> s.VIRTIO_BALLOON_PFN_SHIFT
-                pfns.extend(range(first, first + cnt))
-            self.mem.write(buf, pfns.tobytes())
+            nbytes = self._write_pfns(buf, runs)
             self.actual -= n
             if not tell_first:
                 self._release(runs)
-            fut = self._submit(bq, buf, 4 * len(pfns))
+            fut = self._submit(bq, buf, nbytes)
             fut.add_done_callback(lambda _f, buf=buf, runs=runs: self._deflated(bq, buf, runs, tell_first))
             pending.append(fut)
             moved += n
@@ -297,13 +295,9 @@ class VirtioBalloonDriver:
         self.actual -= n
         self.oom_deflations += 1
         buf = bq.free_bufs.pop()
-        pfns = array.array("I")
-        for gpa, cnt in runs:
-            first = gpa >> s.VIRTIO_BALLOON_PFN_SHIFT
-            pfns.extend(range(first, first + cnt))
-        self.mem.write(buf, pfns.tobytes())
+        nbytes = self._write_pfns(buf, runs)
         q = bq.q
-        q.add([(buf, 4 * len(pfns))], [], ("oom", buf))
+        q.add([(buf, nbytes)], [], ("oom", buf))
         bq.h.publish()
         deadline = time.monotonic() + 1.0
         ok = False
@@ -406,3 +400,11 @@ class VirtioBalloonDriver:
         while True:
             await asyncio.sleep(self.report_interval)
             await self.report_free_pages()
+
+
+async def _wait_for_buffer(bq: _Queue, pending: list[asyncio.Future]) -> list[asyncio.Future]:
+    """Wait until a PFN buffer is free again; returns the still-pending futures."""
+    while not bq.free_bufs:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        pending = [f for f in pending if not f.done()]
+    return pending
