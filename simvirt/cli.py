@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--mtu", type=int, default=1500)
     net.add_argument("--queues", type=_positive_int, default=1, help="queue pairs (VIRTIO_NET_F_MQ when > 1)")
     net.add_argument("--pcap", help="write every frame (both directions) to this pcap file")
+    net.add_argument("--rx-stream", type=int, metavar="BYTES",
+                     help="responder: stream UDP frames of BYTES into the guest whenever it has buffers (rx tests)")
     net.add_argument("--metrics-port", type=int)
     net.add_argument("--metrics-addr", default="127.0.0.1")
     net.add_argument("--vm", default="standalone")

@@ -61,6 +61,8 @@ def _run_net(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         peer = ResponderPeer(dev, loop)
         dev.peer = PcapPeer(peer, dev, args.pcap) if args.pcap else peer
+        if args.rx_stream:
+            peer.start_stream(args.rx_stream)
         try:
             await serve_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                                poll_us=args.poll_us)

@@ -58,7 +58,10 @@ class ResponderPeer:
         dev = self.device
         while self._stream is not None:
             q = dev.rx_queues.get(0)
-            room = q.pending() if q is not None else 0
+            if q is None:
+                await asyncio.sleep(0.01)  # no guest (yet)
+                continue
+            room = q.pending()
             if room and not dev.backlog:
                 dev.deliver(self._stream.take(min(room, 256)))
                 await asyncio.sleep(0)
