@@ -159,6 +159,7 @@ class BackendSession:
         if features & ~offered:
             raise ProtocolError(f"frontend acked features {features & ~offered:#x} that were not offered")
         self.features = features
+        log.info("%s: frontend acked features %#x", self.device.label, features)
         self.device.set_features(features)
         if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             # "Upon receiving SET_FEATURES without F_PROTOCOL_FEATURES the back-end must enable all rings immediately."
