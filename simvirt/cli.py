@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--poll-us", type=float, default=50.0, help="driver polls the rx used ring this long after a send")
     bp.add_argument("--json", action="store_true")
 
+    bn = bsub.add_parser("net", help="frame throughput through the simvirt guest net driver")
+    bn.add_argument("--direction", choices=["tx", "rx"], default="tx")
+    bn.add_argument("--frame-size", type=int, default=1514, help="Ethernet frame bytes (64..1514)")
+    bn.add_argument("--runtime", type=float, default=5.0)
+    bn.add_argument("--connect", metavar="SOCKET")
+    bn.add_argument("--json", action="store_true")
+
     bbal = bsub.add_parser("balloon", help="inflate/deflate timing and memory really returned to the host")
     bbal.add_argument("--ram", type=_size, default=2 << 30)
     bbal.add_argument("--inflate", type=_size, default=1 << 30)

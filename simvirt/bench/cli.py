@@ -20,6 +20,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if result["verified"] is False or result["errors"]:
             return 1
         return 0
+    if args.bench == "net":
+        from simvirt.bench.net import run_net_bench
+        r = asyncio.run(run_net_bench(args.direction, args.frame_size, args.runtime, args.connect))
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"net {r['direction']} {r['frame_size']}-byte frames: {r['pps']:,.0f} pps, {r['gbps']} Gbps, "
+                  f"drops {r['drops']}")
+        return 0
     if args.bench == "ping":
         from simvirt.bench.ping import run_ping_bench
         r = asyncio.run(run_ping_bench(args.connect, args.count, args.interval, args.poll_us))
