@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
 
     net = dsub.add_parser("net", help="vhost-user-net backend")
-    net.add_argument("--socket", required=True, help="unix socket path to listen on")
-    net.add_argument("--backend", default="responder", help="responder (QEMU user-net-like gateway at 10.0.2.2)")
+    net.add_argument("--socket", required=True, action="append",
+                     help="unix socket path to listen on (switch:NAME takes several)")
+    net.add_argument("--backend", default="responder",
+                     help="responder (QEMU user-net-like gateway at 10.0.2.2) | switch:NAME (L2 switch between guests)")
     net.add_argument("--mac", default="52:54:00:12:34:56")
     net.add_argument("--mtu", type=int, default=1500)
     net.add_argument("--queues", type=_positive_int, default=1, help="queue pairs (VIRTIO_NET_F_MQ when > 1)")

@@ -51,8 +51,17 @@ def _run_net(args: argparse.Namespace) -> int:
     from simvirt.devices.runner import install_uvloop, serve_device
     from simvirt.net.packets import parse_mac
 
+    if args.backend.startswith("switch:"):
+        from simvirt.devices.net.switch import run_switch
+        name = args.backend[len("switch:"):]
+        if not name or "/" in name:
+            raise ValueError("switch:NAME needs a plain name")
+        return run_switch(name, args.socket, mtu=args.mtu, pcap=args.pcap, metrics_port=args.metrics_port,
+                          metrics_addr=args.metrics_addr, vm=args.vm)
     if args.backend != "responder":
-        raise ValueError(f"backend {args.backend!r} is not available yet (supported: responder)")
+        raise ValueError(f"backend {args.backend!r} is not available yet (supported: responder, switch:NAME)")
+    if len(args.socket) != 1:
+        raise ValueError("only the switch backend serves several --socket paths")
     if not 68 <= args.mtu <= 65535:
         raise ValueError("--mtu must be 68..65535")
     dev = NetDevice(mac=parse_mac(args.mac), mtu=args.mtu, queue_pairs=args.queues, vm=args.vm)
@@ -64,7 +73,7 @@ def _run_net(args: argparse.Namespace) -> int:
         if args.rx_stream:
             peer.start_stream(args.rx_stream)
         try:
-            await serve_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+            await serve_device(dev, args.socket[0], metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                                poll_us=args.poll_us)
         finally:
             if args.pcap:
