@@ -72,3 +72,47 @@ def test_tcpdump_reads_pcap_of_the_icmp_exchange(net_device, tmp_path):
     assert len(requests) == 3 and len(replies) == 3, out.stdout
     assert any("ARP, Request who-has 10.0.2.2" in line for line in lines), out.stdout
     assert any("ARP, Reply 10.0.2.2 is-at 52:55:0a:00:02:02" in line for line in lines), out.stdout
+
+
+def test_two_linux_guests_ping_each_other_through_a_switch(tmp_path):
+    import threading
+
+    env = dict(os.environ, SIMVIRT_RUNTIME_DIR=str(tmp_path))
+    socks = [str(tmp_path / "g0.sock"), str(tmp_path / "g1.sock")]
+    sw = subprocess.Popen([sys.executable, "-m", "simvirt", "device", "net", "--backend", "switch:lan",
+                           "--socket", socks[0], "--socket", socks[1]], env=env,
+                          stdout=open(tmp_path / "switch.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not all(os.path.exists(s) for s in socks):
+            assert sw.poll() is None and time.monotonic() < deadline, (tmp_path / "switch.log").read_text()
+            time.sleep(0.05)
+        results: dict[int, object] = {}
+
+        def guest(i: int) -> None:
+            me, other = f"10.0.2.{15 + i}", f"10.0.2.{16 - i}"
+            script = f"""
+ip link set eth0 up
+ip addr add {me}/24 dev eth0
+n=0
+until ping -c 1 -W 1 {other} >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 90 ] && break; done
+ping -c 20 -i 0.3 {other}
+rc=$?
+sleep 5  # stay up until the other guest has its 20 replies too
+exit $rc
+"""
+            args = ["-chardev", f"socket,id=c1,path={socks[i]}", "-netdev", "vhost-user,id=n0,chardev=c1",
+                    "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac=52:54:00:00:00:{10 + i:02x}"]
+            results[i] = run_guest(script, args, timeout=180)
+
+        threads = [threading.Thread(target=guest, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(2):
+            r = results[i]
+            assert "20 packets transmitted, 20 packets received" in r.output, r.describe()  # type: ignore[attr-defined]
+    finally:
+        sw.terminate()
+        sw.wait(10)
