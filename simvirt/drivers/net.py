@@ -60,7 +60,12 @@ class VirtioNetDriver:
         self.loop = loop
         t.start()
         t.negotiate(self.wanted)
-        cfg = ns.NetConfig.unpack(t.read_config(0, ns.VIRTIO_NET_CONFIG_SIZE))
+        try:
+            cfg = ns.NetConfig.unpack(t.read_config(0, ns.VIRTIO_NET_CONFIG_SIZE))
+        except DeviceError:
+            # Backends without VHOST_USER_PROTOCOL_F_CONFIG (DPDK's vhost): no config space to read.
+            cfg = ns.NetConfig()
+            t.features &= ~(bit(ns.VIRTIO_NET_F_MAC) | bit(ns.VIRTIO_NET_F_MTU))
         if t.has(ns.VIRTIO_NET_F_MAC):
             self.mac = bytes(cfg.mac)
         else:
