@@ -58,8 +58,8 @@ def _run_net(args: argparse.Namespace) -> int:
             raise ValueError("switch:NAME needs a plain name")
         return run_switch(name, args.socket, mtu=args.mtu, pcap=args.pcap, metrics_port=args.metrics_port,
                           metrics_addr=args.metrics_addr, vm=args.vm)
-    if args.backend != "responder":
-        raise ValueError(f"backend {args.backend!r} is not available yet (supported: responder, switch:NAME)")
+    from simvirt.devices.net.peers import DgramPeer, StreamPeer, TapPeer, parse_backend
+    kind, bargs = parse_backend(args.backend)
     if len(args.socket) != 1:
         raise ValueError("only the switch backend serves several --socket paths")
     if not 68 <= args.mtu <= 65535:
@@ -68,10 +68,19 @@ def _run_net(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        peer = ResponderPeer(dev, loop)
+        if kind == "responder":
+            peer = ResponderPeer(dev, loop)
+            if args.rx_stream:
+                peer.start_stream(args.rx_stream)
+        elif kind == "tap":
+            peer = TapPeer(dev, loop, bargs[0])
+        elif kind == "stream":
+            peer = StreamPeer(dev, loop, bargs[0], int(bargs[1]))
+        else:
+            peer = DgramPeer(dev, loop, (bargs[0], int(bargs[1])), (bargs[2], int(bargs[3])))
+        if args.rx_stream and kind != "responder":
+            raise ValueError("--rx-stream needs the responder backend")
         dev.peer = PcapPeer(peer, dev, args.pcap) if args.pcap else peer
-        if args.rx_stream:
-            peer.start_stream(args.rx_stream)
         try:
             await serve_device(dev, args.socket[0], metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                                poll_us=args.poll_us)
