@@ -116,3 +116,65 @@ exit $rc
     finally:
         sw.terminate()
         sw.wait(10)
+
+
+def test_linux_guest_on_qemu_netdev_stream_pings_a_simvirt_guest(tmp_path):
+    """QEMU's own `-netdev stream` on one side, `simvirt device net --backend stream:` on the other."""
+    import asyncio
+    import socket
+    import threading
+
+    from simvirt.drivers.net import VirtioNetDriver
+    from simvirt.drivers.netstack import GuestStack
+    from simvirt.drivers.transport import VhostUserTransport
+    from simvirt.memory import GuestMemory, PageAllocator
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = str(tmp_path / "stream.sock")
+    dev = subprocess.Popen([sys.executable, "-m", "simvirt", "device", "net", "--socket", sock,
+                            "--backend", f"stream:127.0.0.1:{port}"], stdout=open(tmp_path / "dev.log", "wb"),
+                           stderr=subprocess.STDOUT)
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def simvirt_guest() -> None:
+        async def main() -> None:
+            mem = GuestMemory.create_shared(32 << 20)
+            drv = VirtioNetDriver(VhostUserTransport(sock, mem, PageAllocator(0, 32 << 20)))
+            drv.probe(asyncio.get_running_loop())
+            stack = GuestStack(drv, "10.0.2.15")
+            try:
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+                answered.append(drv.rx_frames)
+            finally:
+                drv.close()
+                mem.close()
+            del stack
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=simvirt_guest)
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert dev.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        t.start()
+        script = GUEST_NET_UP.replace("10.0.2.15", "10.0.2.16") + """
+n=0
+until ping -c 1 -W 1 10.0.2.15 >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 60 ] && break; done
+ping -c 10 -i 0.2 10.0.2.15
+"""
+        r = run_guest(script, ["-netdev", f"stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+                               "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:20"], timeout=150)
+        assert "10 packets transmitted, 10 packets received" in r.output, r.describe()
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join(10)
+        dev.terminate()
+        dev.wait(10)
+    assert answered and answered[0] >= 10
