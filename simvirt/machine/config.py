@@ -42,6 +42,36 @@ class BlkDeviceConfig:
 
 
 @dataclass
+class NetDeviceConfig:
+    name: str
+    backend: str = "responder"
+    mac: str = ""
+    mtu: int = 1500
+    ip: str = "10.0.2.15"
+    pcap: Optional[str] = None
+    type: str = "net"
+
+    def device_args(self) -> list[str]:
+        args = ["--backend", self.backend, "--mtu", str(self.mtu)]
+        if self.mac:
+            args += ["--mac", self.mac]
+        if self.pcap:
+            args += ["--pcap", self.pcap]
+        return args
+
+
+@dataclass
+class NetWorkloadConfig:
+    """ping: ICMP echo to ``target``; udp-tx: UDP to the discard port as fast as the ring allows."""
+
+    device: str
+    mode: str = "ping"
+    target: str = "10.0.2.2"
+    interval: float = 0.01
+    frame_size: int = 1514
+
+
+@dataclass
 class BalloonDeviceConfig:
     name: str
     stats_interval: float = 2.0
@@ -144,12 +174,32 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
         where = f"device[{i}]"
         d = dict(d)
         typ = _take(d, where, "type", str, required=True)
-        if typ not in ("blk", "balloon"):
-            raise ConfigError(f"{where}.type: unknown device type {typ!r} (supported: blk, balloon)")
+        if typ not in ("blk", "balloon", "net"):
+            raise ConfigError(f"{where}.type: unknown device type {typ!r} (supported: blk, net, balloon)")
         name = _take(d, where, "name", str, required=True)
         if name in names:
             raise ConfigError(f"{where}.name: duplicate device name {name!r}")
         names.add(name)
+        if typ == "net":
+            from simvirt.devices.net.peers import parse_backend
+            from simvirt.net.packets import ip_bytes, parse_mac
+            net = NetDeviceConfig(name=name, backend=_take(d, where, "backend", str, "responder"),
+                                  mac=_take(d, where, "mac", str, ""), mtu=_take(d, where, "mtu", int, 1500),
+                                  ip=_take(d, where, "ip", str, "10.0.2.15"), pcap=_take(d, where, "pcap", str, None))
+            try:
+                parse_backend(net.backend)
+                if net.mac:
+                    parse_mac(net.mac)
+                ip_bytes(net.ip)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"{where}: {e}") from None
+            if net.backend.startswith("switch:"):
+                raise ConfigError(f"{where}.backend: switch ports are started with `simvirt device net`, not by run")
+            if not 68 <= net.mtu <= 65535:
+                raise ConfigError(f"{where}.mtu: must be 68..65535")
+            _no_extra(d, where)
+            cfg.devices.append(net)
+            continue
         if typ == "balloon":
             if any(isinstance(x, BalloonDeviceConfig) for x in cfg.devices):
                 raise ConfigError(f"{where}: a machine has at most one balloon")
@@ -181,6 +231,18 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
         if dev_name not in names:
             raise ConfigError(f"{where}.device: no device named {dev_name!r}")
         target = next(d for d in cfg.devices if d.name == dev_name)
+        if isinstance(target, NetDeviceConfig):
+            nw = NetWorkloadConfig(device=dev_name, mode=_take(w, where, "mode", str, "ping"),
+                                   target=_take(w, where, "target", str, "10.0.2.2"),
+                                   interval=float(_take(w, where, "interval", (int, float), 0.01)),
+                                   frame_size=_take(w, where, "frame_size", int, 1514))
+            if nw.mode not in ("ping", "udp-tx"):
+                raise ConfigError(f"{where}.mode: {nw.mode!r} is not ping or udp-tx")
+            if nw.interval < 0 or not 64 <= nw.frame_size <= 1514:
+                raise ConfigError(f"{where}: interval >= 0 and frame_size 64..1514")
+            _no_extra(w, where)
+            cfg.workloads.append(nw)
+            continue
         if isinstance(target, BalloonDeviceConfig):
             steps = []
             for j, st in enumerate(_take(w, where, "steps", list, required=True)):

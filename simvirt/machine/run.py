@@ -31,7 +31,17 @@ from simvirt.drivers.blk import VirtioBlkDriver
 from simvirt.drivers.transport import VhostUserTransport
 from simvirt.control import ControlError, arequest, serve_control
 from simvirt.drivers.balloon import VirtioBalloonDriver
-from simvirt.machine.config import BalloonDeviceConfig, BalloonWorkloadConfig, MachineConfig, load_config
+from simvirt.drivers.net import VirtioNetDriver
+from simvirt.drivers.netstack import GuestStack
+from simvirt.machine.config import (
+    BalloonDeviceConfig,
+    BalloonWorkloadConfig,
+    MachineConfig,
+    NetDeviceConfig,
+    NetWorkloadConfig,
+    load_config,
+)
+from simvirt.net.packets import ip_bytes, udp_frame
 from simvirt.machine.federate import FederatingCollector
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
@@ -51,6 +61,7 @@ class Machine:
         self.procs: dict[str, DeviceProcess] = {}
         self.drivers: dict[str, VirtioBlkDriver] = {}
         self.balloon: Optional[VirtioBalloonDriver] = None
+        self.nets: dict[str, GuestStack] = {}
         self.balloon_ctl: Optional[str] = None
         self.metric_targets: dict[str, str] = {}
         self.mem: Optional[GuestMemory] = None
@@ -73,6 +84,14 @@ class Machine:
             self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
         for dev in cfg.devices:
             sock = self.procs[dev.name].wait_ready()
+            if isinstance(dev, NetDeviceConfig):
+                ndrv = VirtioNetDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
+                                       poll_us=20.0)
+                ndrv.probe(loop)
+                self.nets[dev.name] = GuestStack(ndrv, dev.ip)
+                self.console.log(f"{dev.name}: virtio-net mac={ndrv.mac.hex(':')} ip={dev.ip} backend={dev.backend} "
+                                 f"pid={self.procs[dev.name].proc.pid}")
+                continue
             if isinstance(dev, BalloonDeviceConfig):
                 bal = VirtioBalloonDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
                                           report_interval=dev.report_interval)
@@ -118,6 +137,11 @@ class Machine:
             self.balloon = None
 
     def stop(self) -> None:
+        for stack in self.nets.values():
+            try:
+                stack.drv.close()
+            except OSError:
+                pass
         for drv in self.drivers.values():
             try:
                 drv.close()
@@ -142,6 +166,40 @@ def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], ela
                   f"{run.ios:,}", str(run.errors), str(run.inflight))
         last[i] = (now, run.ios, run.bytes)
     return t
+
+
+async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float) -> dict:
+    """A net workload: pings to ``target`` or a UDP stream to its discard port, for ``duration``."""
+    target = ip_bytes(wl.target)
+    deadline = time.monotonic() + duration
+    if wl.mode == "ping":
+        rtts, lost, seq = [], 0, 0
+        while time.monotonic() < deadline:
+            rtt = await stack.ping(target, seq)
+            seq += 1
+            if rtt is None:
+                lost += 1
+            else:
+                rtts.append(rtt)
+            if wl.interval:
+                await asyncio.sleep(wl.interval)
+        return {"target": wl.target, "sent": seq, "lost": lost, "rtt_us": percentiles_us(rtts)}
+    drv = stack.drv
+    mac = await stack.resolve(target)
+    frame = udp_frame(drv.mac, mac, stack.ip, target, 40000, 9, bytes(wl.frame_size - 42))
+    sent = 0
+    t0 = time.monotonic()
+    while time.monotonic() < deadline:
+        burst = 0
+        while burst < 32 and drv.try_send(frame, publish=False):
+            burst += 1
+        if burst:
+            drv.tx.publish()  # type: ignore[union-attr]
+        sent += burst
+        await asyncio.sleep(0)
+    elapsed = time.monotonic() - t0
+    return {"target": wl.target, "frames": sent, "pps": round(sent / elapsed, 1),
+            "gbps": round(sent * wl.frame_size * 8 / elapsed / 1e9, 4)}
 
 
 async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Console) -> list[dict]:
@@ -179,7 +237,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             console.log(f"control socket: simvirt ctl {control_path} (balloon SIZE | balloon-stats | info)")
         runs: list[tuple[str, BlkWorkload]] = []
         for wl in cfg.workloads:
-            if isinstance(wl, BalloonWorkloadConfig):
+            if isinstance(wl, (BalloonWorkloadConfig, NetWorkloadConfig)):
                 continue
             drv = m.drivers[wl.device]
             o = BlkBenchOptions(rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth, runtime=cfg.duration,
@@ -195,6 +253,8 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
         # Balloon steps are timed from here, where the workloads start (after any prefill).
         scripts = [asyncio.ensure_future(_balloon_script(m, wl, console))
                    for wl in cfg.workloads if isinstance(wl, BalloonWorkloadConfig)]
+        net_jobs = [(wl, asyncio.ensure_future(_net_job(m.nets[wl.device], wl, cfg.duration)))
+                    for wl in cfg.workloads if isinstance(wl, NetWorkloadConfig)]
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(run.run(cfg.duration)) for _, run in runs]
         last: dict = {}
@@ -210,10 +270,18 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             for _, run in runs:
                 run.stop_at = 0
             await asyncio.gather(*tasks)
-        if not runs and scripts and not stop.is_set():
+        if not runs and (scripts or net_jobs) and not stop.is_set():
             done_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([*scripts, done_wait], timeout=cfg.duration)
+            await asyncio.wait([*scripts, *(j for _, j in net_jobs), done_wait], timeout=cfg.duration + 1,
+                               return_when=asyncio.ALL_COMPLETED if not scripts else asyncio.FIRST_COMPLETED)
             done_wait.cancel()
+        net_results = []
+        for wl, job in net_jobs:
+            try:
+                res = await asyncio.wait_for(job, timeout=5)
+            except (asyncio.TimeoutError, OSError) as e:
+                res = {"error": str(e) or type(e).__name__}
+            net_results.append({"device": wl.device, "mode": wl.mode, **res})
         elapsed = time.monotonic() - t0
         for sc in scripts:
             sc.cancel()
@@ -242,7 +310,8 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
         return {"machine": cfg.name, "config": cfg.source, "duration_s": round(elapsed, 2),
                 "devices": [{"name": d.name, "type": d.type, "backend": getattr(d, "backend", None),
                              "size": getattr(d, "size", None), "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
-                "workloads": results, "balloon": balloon_info, "ok": ok}
+                "workloads": results, "net": net_results, "balloon": balloon_info,
+                "ok": ok and all(not n.get("error") and not n.get("lost") for n in net_results)}
     finally:
         await m.aclose()
         m.stop()
@@ -257,6 +326,14 @@ def _summary(console: Console, r: dict) -> None:
                   f"{w['bw_bytes'] / 1e6:,.1f}", str(w["lat_us"]["p50"]), str(w["lat_us"]["p99"]),
                   str(w["errors"]), {None: "-", True: "yes", False: "NO"}[w["verified"]])
     console.print(t)
+    for n in r.get("net") or []:
+        if "error" in n:
+            console.print(f"net {n['device']} {n['mode']}: [red]{n['error']}[/]")
+        elif n["mode"] == "ping":
+            console.print(f"net {n['device']}: ping {n['target']} {n['sent'] - n['lost']}/{n['sent']} replies, "
+                          f"rtt p50 {n['rtt_us']['p50']} us p99 {n['rtt_us']['p99']} us")
+        else:
+            console.print(f"net {n['device']}: udp-tx to {n['target']}:9 {n['pps']:,.0f} pps {n['gbps']} Gbps")
     b = r.get("balloon")
     if b:
         console.print(f"balloon: target {b['target_pages']} pages, actual {b['actual_pages']} pages; guest RAM "

@@ -46,7 +46,8 @@ def err(text: str) -> str:
 def test_embedded_default_config():
     cfg = load_config(None)
     assert cfg.name == "demo" and cfg.ram == 256 * MiB and cfg.duration == 10
-    assert [(d.type, d.name) for d in cfg.devices] == [("blk", "vda"), ("blk", "vdb"), ("balloon", "balloon0")]
+    assert [(d.type, d.name) for d in cfg.devices] == [("blk", "vda"), ("blk", "vdb"), ("net", "net0"),
+                                                       ("balloon", "balloon0")]
     bal = [w for w in cfg.workloads if isinstance(w, BalloonWorkloadConfig)]
     assert len(bal) == 1 and [(s.at, s.size) for s in bal[0].steps] == [(3.0, 192 * MiB), (7.0, 256 * MiB)]
     verify = [w for w in cfg.workloads if isinstance(w, BlkWorkloadConfig) and w.verify]
@@ -110,7 +111,11 @@ duration = 3.5
     (BASE + BASE.split("[machine]")[1].split("\n\n", 1)[1], "device[1].name: duplicate device name 'vda'"),
     (BASE + BALLOON.replace('name = "bal"', 'name = "vda"'), "device[1].name: duplicate device name 'vda'"),
     (BASE + BALLOON + BALLOON.replace('"bal"', '"bal2"'), "device[2]: a machine has at most one balloon"),
-    (BASE + '[[device]]\ntype = "net"\nname = "eth0"\n', "device[1].type: unknown device type 'net'"),
+    (BASE + '[[device]]\ntype = "gpu"\nname = "g0"\n', "device[1].type: unknown device type 'gpu'"),
+    (BASE + '[[device]]\ntype = "net"\nname = "eth0"\nbackend = "wire:x"\n', "device[1]: unknown net backend 'wire:x'"),
+    (BASE + '[[device]]\ntype = "net"\nname = "eth0"\nmtu = 20\n', "device[1].mtu: must be 68..65535"),
+    (BASE + '[[device]]\ntype = "net"\nname = "eth0"\n[[workload]]\ndevice = "eth0"\nmode = "flood"\n',
+     "workload[0].mode: 'flood' is not ping or udp-tx"),
     (BASE + '[[device]]\ntype = "blk"\n', "device[1]: missing required key 'name'"),
     (BASE + '[[device]]\nname = "x"\n', "device[1]: missing required key 'type'"),
     (BASE.replace('backend = "memory"', 'backend = "tape"'), "device[0].backend: 'tape' is not null, memory or file:PATH"),

@@ -28,7 +28,9 @@ def test_default_machine_runs_and_reports_json():
     assert out["ok"] is True
     assert out["machine"] == "demo" and out["config"] == "<embedded default.toml>"
     assert 1.5 <= out["duration_s"] < 10
-    assert [d["name"] for d in out["devices"]] == ["vda", "vdb", "balloon0"]
+    assert [d["name"] for d in out["devices"]] == ["vda", "vdb", "net0", "balloon0"]
+    (ping,) = out["net"]
+    assert ping["device"] == "net0" and ping["mode"] == "ping" and ping["sent"] > 5 and ping["lost"] == 0
     assert all(isinstance(d["pid"], int) and d["pid"] > 0 for d in out["devices"])
     wl = {w["device"]: w for w in out["workloads"]}
     assert set(wl) == {"vda", "vdb"}
