@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--connect", metavar="SOCKET")
     bn.add_argument("--json", action="store_true")
 
+    bnd = bsub.add_parser("net-dpdk", help="dpdk-testpmd virtio_user into our net device vs into DPDK's vhost backend")
+    bnd.add_argument("--runtime", type=float, default=5.0)
+    bnd.add_argument("--json", action="store_true")
+
     bbal = bsub.add_parser("balloon", help="inflate/deflate timing and memory really returned to the host")
     bbal.add_argument("--ram", type=_size, default=2 << 30)
     bbal.add_argument("--inflate", type=_size, default=1 << 30)

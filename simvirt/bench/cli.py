@@ -29,6 +29,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"net {r['direction']} {r['frame_size']}-byte frames: {r['pps']:,.0f} pps, {r['gbps']} Gbps, "
                   f"drops {r['drops']}")
         return 0
+    if args.bench == "net-dpdk":
+        from simvirt.bench.net_dpdk import run_net_dpdk_bench
+        r = run_net_dpdk_bench(args.runtime)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"virtio_user txonly 64B: into simvirt {r['simvirt_device_pps']:,.0f} pps, "
+                  f"into DPDK vhost {r['dpdk_vhost_pps']:,.0f} pps, ratio {r['ratio_pps']}")
+        return 0
     if args.bench == "ping":
         from simvirt.bench.ping import run_ping_bench
         r = asyncio.run(run_ping_bench(args.connect, args.count, args.interval, args.poll_us))

@@ -172,3 +172,15 @@ def test_simvirt_driver_through_dpdk_vhost_backend_macswap(tmp_path):
     rx, tx = _counts(result["out"])
     assert back == sent and swapped
     assert rx == sent and tx == sent, result["out"][-2000:]
+
+
+def test_net_dpdk_bench_reports_both_sides():
+    require_tool("dpdk-testpmd")
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "simvirt", "bench", "net-dpdk", "--runtime", "2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["simvirt_device_pps"] > 1000 and r["dpdk_vhost_pps"] > 1000
+    assert r["ratio_pps"] == round(r["simvirt_device_pps"] / r["dpdk_vhost_pps"], 4)
