@@ -159,5 +159,16 @@ def serve(port: Optional[int], addr: str = "127.0.0.1") -> Optional[int]:
     return server.server_address[1]
 
 
+def scrape(port: int, name: str, addr: str = "127.0.0.1", **labels: str) -> float:
+    """Sum of the samples called ``name`` (with these label values) at a /metrics endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{addr}:{port}/metrics", timeout=5).read().decode()
+    return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+               if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
+
+
 def mark_process(vm: str, role: str) -> None:
     PROCESS_INFO.labels(vm, role, str(os.getpid())).set(time.time())

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from typing import Optional
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from simvirt.bench.procs import DeviceProcess
 from simvirt.drivers.net import VirtioNetDriver
 from simvirt.drivers.netstack import GuestStack
 from simvirt.drivers.transport import VhostUserTransport
 from simvirt.machine.run import free_port
+from simvirt.metrics import scrape
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.net import packets as pk
-
-
-def _metric(port: int, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
-                total += smp.value
-    return total
 
 
 async def run_net_bench(direction: str, frame_size: int, runtime: float, connect: Optional[str] = None) -> dict:
@@ -81,8 +69,8 @@ async def run_net_bench(direction: str, frame_size: int, runtime: float, connect
             drops = 0.0
             if dev is not None:
                 # Count what the device really handed to its peer, not what we queued.
-                counted = int(_metric(port, "simvirt_requests_total", device="net", op="tx"))
-                drops = _metric(port, "simvirt_errors_total", device="net")
+                counted = int(scrape(port, "simvirt_requests_total", device="net", op="tx"))
+                drops = scrape(port, "simvirt_errors_total", device="net")
             return _result("tx", frame_size, counted, counted * frame_size, elapsed, drops, sent=sent)
         else:
             def on_frame(frame: bytes) -> None:
@@ -96,7 +84,7 @@ async def run_net_bench(direction: str, frame_size: int, runtime: float, connect
             t0 = time.perf_counter()
             await asyncio.sleep(runtime)
             elapsed = time.perf_counter() - t0
-            drops = _metric(port, "simvirt_errors_total", device="net") if dev is not None else 0.0
+            drops = scrape(port, "simvirt_errors_total", device="net") if dev is not None else 0.0
             return _result("rx", frame_size, received - r0, rx_bytes - b0, elapsed, drops)
     finally:
         drv.close()

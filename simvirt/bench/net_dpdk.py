@@ -16,11 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from simvirt.machine.run import free_port
+from simvirt.metrics import scrape
 
 
 def _testpmd(vdev: str, mode: str, prefix: str) -> subprocess.Popen:
@@ -67,9 +65,7 @@ def run_net_dpdk_bench(runtime: float) -> dict:
         fe = _testpmd(f"net_virtio_user0,path={sock},queues=1", "txonly", f"sa{tag}")
         time.sleep(runtime)
         _stop(fe)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        ours = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == "simvirt_requests_total" and s.labels.get("op") == "tx")
+        ours = scrape(port, "simvirt_requests_total", op="tx")
     finally:
         dev.terminate()
         dev.wait(10)
