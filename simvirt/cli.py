@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_argument("--size-max", type=_size, default=1 << 20)
     blk.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
     blk.add_argument("--metrics-addr", default="127.0.0.1")
+    blk.add_argument("--name", help="the device's name in metric labels (default: its type)")
     blk.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
     blk.add_argument("--poll-us", type=float, default=200.0,
                      help="busy-poll the ring this long after a batch before sleeping (0 = never)")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ask the guest for memory statistics every SECONDS (0 = only on request)")
     bal.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
     bal.add_argument("--metrics-addr", default="127.0.0.1")
+    bal.add_argument("--name", help="the device's name in metric labels (default: its type)")
     bal.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
 
     net = dsub.add_parser("net", help="vhost-user-net backend")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="responder: stream UDP frames of BYTES into the guest whenever it has buffers (rx tests)")
     net.add_argument("--metrics-port", type=int)
     net.add_argument("--metrics-addr", default="127.0.0.1")
+    net.add_argument("--name", help="the device's name in metric labels (default: its type)")
     net.add_argument("--vm", default="standalone")
     net.add_argument("--poll-us", type=float, default=20.0)
 

@@ -151,11 +151,11 @@ def count_error(vm: str, device: str, reason: str, n: int = 1) -> None:
     ERRORS.labels(vm, device, reason).inc(n)
 
 
-def serve(port: Optional[int], addr: str = "127.0.0.1") -> Optional[int]:
-    """Expose REGISTRY over HTTP; port 0 picks a free one. Returns the port."""
+def serve(port: Optional[int], addr: str = "127.0.0.1", registry: Optional[CollectorRegistry] = None) -> Optional[int]:
+    """Expose REGISTRY (or ``registry``) over HTTP; port 0 picks a free one. Returns the port."""
     if port is None:
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    server, _thread = start_http_server(port, addr=addr, registry=registry or REGISTRY)
     return server.server_address[1]
 
 

@@ -24,7 +24,7 @@ def run_device_command(args: argparse.Namespace) -> int:
         if storage.size < 512:
             raise ValueError(f"disk of {storage.size} bytes is smaller than one sector")
         dev = BlkDevice(storage, serial=args.serial, num_queues=args.num_queues, readonly=args.readonly,
-                        seg_max=args.seg_max, size_max=args.size_max, vm=args.vm)
+                        seg_max=args.seg_max, size_max=args.size_max, vm=args.vm, label=args.name)
         try:
             return run_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                               poll_us=args.poll_us)
@@ -35,7 +35,7 @@ def run_device_command(args: argparse.Namespace) -> int:
         from simvirt.devices.balloon.device import BalloonDevice
         if args.stats_interval < 0:
             raise ValueError("--stats-interval must be >= 0")
-        bdev = BalloonDevice(vm=args.vm, stats_interval=args.stats_interval)
+        bdev = BalloonDevice(vm=args.vm, stats_interval=args.stats_interval, label=args.name)
         return run_device(bdev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                           poll_us=0.0, control_path=args.control, control_handler=balloon_handler(bdev))
     if args.device == "net":
@@ -64,7 +64,7 @@ def _run_net(args: argparse.Namespace) -> int:
         raise ValueError("only the switch backend serves several --socket paths")
     if not 68 <= args.mtu <= 65535:
         raise ValueError("--mtu must be 68..65535")
-    dev = NetDevice(mac=parse_mac(args.mac), mtu=args.mtu, queue_pairs=args.queues, vm=args.vm)
+    dev = NetDevice(mac=parse_mac(args.mac), mtu=args.mtu, queue_pairs=args.queues, vm=args.vm, label=args.name)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

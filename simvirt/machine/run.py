@@ -42,7 +42,7 @@ from simvirt.machine.config import (
     load_config,
 )
 from simvirt.net.packets import ip_bytes, udp_frame
-from simvirt.machine.federate import FederatingCollector
+from simvirt.machine.federate import machine_registry
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
 
@@ -79,7 +79,7 @@ class Machine:
                 self.balloon_ctl = os.path.join(self.workdir, f"{dev.name}.ctl")
                 extra = ["--control", self.balloon_ctl]
             self.procs[dev.name] = DeviceProcess(
-                dev.type, dev.device_args() + extra + ["--vm", cfg.name, "--metrics-port", str(port)],
+                dev.type, dev.device_args() + extra + ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)],
                 socket_path=sock, log_path=os.path.join(self.workdir, f"{dev.name}.log"))
             self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
         for dev in cfg.devices:
@@ -227,8 +227,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
     try:
         m.start(loop)
         if port is not None:
-            metrics.REGISTRY.register(FederatingCollector(m.metric_targets))
-            bound = metrics.serve(port)
+            bound = metrics.serve(port, registry=machine_registry(metrics.REGISTRY, m.metric_targets))
             console.log(f"metrics for the whole machine on http://127.0.0.1:{bound}/metrics")
         control_path = control or cfg.control
         control_server = None
