@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SIMVIRT_VENV:-$PWD/.venv}
-PEERS=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils zstd kmod
+PEERS=(qemu-system-x86 qemu-system-common qemu-utils busybox-static cpio xz-utils zstd kmod docker-compose
        dpdk dpdk-dev prometheus iproute2 tcpdump procps ca-certificates)
 
 say() { printf '==> %s\n' "$*" >&2; }

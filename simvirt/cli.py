@@ -143,10 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     bbal.add_argument("--inflate", type=_size, default=1 << 30)
     bbal.add_argument("--json", action="store_true")
 
+    top = sub.add_parser("top", help="live terminal view of a running machine (reads its metrics)")
+    where = top.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="metrics port on 127.0.0.1 (simvirt run --metrics-port)")
+    where.add_argument("--url", help="full metrics URL")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
+
     run = sub.add_parser("run", help="run a whole machine from a TOML config")
     run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
     run.add_argument("--duration", type=float, help="override the workload duration (seconds)")
     run.add_argument("--metrics-port", type=int, help="one scrape address for the whole machine")
+    run.add_argument("--metrics-addr", default="127.0.0.1", help="address to bind the scrape port to")
     run.add_argument("--control", help="machine control socket (simvirt ctl PATH balloon SIZE | balloon-stats | info)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
@@ -171,6 +179,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "ctl":
             from simvirt.ctl import run_ctl_command
             return run_ctl_command(args)
+        if args.command == "top":
+            from simvirt.top import run_top
+            return run_top(args)
         if args.command == "run":
             from simvirt.machine.run import run_machine_command
             return run_machine_command(args)

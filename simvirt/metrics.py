@@ -147,6 +147,12 @@ class _HotPathCollector(Collector):
 REGISTRY.register(_HotPathCollector())
 
 
+def declare_errors(vm: str, device: str, reasons: list[str]) -> None:
+    """Create the error series at 0, so dashboards and alerts see them before the first error."""
+    for reason in reasons:
+        ERRORS.labels(vm, device, reason)
+
+
 def count_error(vm: str, device: str, reason: str, n: int = 1) -> None:
     ERRORS.labels(vm, device, reason).inc(n)
 

@@ -216,7 +216,7 @@ async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Consol
 
 
 async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console,
-                      control: Optional[str] = None) -> dict:
+                      control: Optional[str] = None, metrics_addr: str = "127.0.0.1") -> dict:
     loop = asyncio.get_running_loop()
     m = Machine(cfg, console)
     port = metrics_port if metrics_port is not None else cfg.metrics_port
@@ -227,8 +227,8 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
     try:
         m.start(loop)
         if port is not None:
-            bound = metrics.serve(port, registry=machine_registry(metrics.REGISTRY, m.metric_targets))
-            console.log(f"metrics for the whole machine on http://127.0.0.1:{bound}/metrics")
+            bound = metrics.serve(port, metrics_addr, registry=machine_registry(metrics.REGISTRY, m.metric_targets))
+            console.log(f"metrics for the whole machine on http://{metrics_addr}:{bound}/metrics")
         control_path = control or cfg.control
         control_server = None
         if control_path:
@@ -351,7 +351,7 @@ def run_machine_command(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     result = asyncio.run(run_machine(cfg, metrics_port=args.metrics_port,
                                      progress=not args.no_progress and console.is_terminal, console=console,
-                                     control=args.control))
+                                     control=args.control, metrics_addr=args.metrics_addr))
     if args.json:
         print(json.dumps(result))
     else:

@@ -61,6 +61,7 @@ class BalloonDevice(VirtioDevice):
         self._stats_timer: Optional[asyncio.TimerHandle] = None
         self._stats_waiters: list[asyncio.Future] = []
         lbl = self.label
+        metrics.declare_errors(vm, lbl, ["bad_pfn", "bad_stats", "stats_buffer_overrun", "bad_report"])
         _BALLOON.labels(vm, lbl, "target").set_function(lambda: self.num_pages)
         _BALLOON.labels(vm, lbl, "actual").set_function(lambda: self.actual)
         _RESIDENT.labels(vm, lbl).set_function(self._resident_or_zero)

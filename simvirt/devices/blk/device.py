@@ -74,6 +74,8 @@ class BlkDevice(VirtioDevice):
         # Per request type: [requests, bytes] in this batch, folded into OpStats per batch.
         self._ops = {k: [0, 0] for k in s.OP_NAMES}
         self._op_stats = {k: metrics.OpStats(vm, self.label, name) for k, name in s.OP_NAMES.items()}
+        metrics.declare_errors(vm, self.label, ["bad_address", "missing_status", "short_header", "out_of_range",
+                                                "unsupported_request", "io_error", "chain_too_long"])
 
     # -- negotiation and config ------------------------------------------
     def device_features(self) -> int:

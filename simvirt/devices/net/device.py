@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from typing import Optional, Protocol
 
 from simvirt import metrics
@@ -68,6 +69,8 @@ class NetDevice(VirtioDevice):
         self.backlog: collections.deque[bytes] = collections.deque()
         self.stats = NetStats(vm, self.label)
         self.pcap = None
+        metrics.declare_errors(vm, self.label, ["tx_short_frame", "tx_oversize", "rx_no_buffer",
+                                                "rx_buffer_too_small", "rx_filtered", "bad_address"])
 
     # -- negotiation and config ------------------------------------------
     def device_features(self) -> int:
@@ -132,6 +135,7 @@ class NetDevice(VirtioDevice):
             self._ctrl(queue, stats)
 
     def _tx(self, queue: Queue, stats: metrics.QueueStats) -> None:
+        t0 = time.perf_counter()
         heads = queue.pop_heads(256)
         stats.chains += len(heads)
         frames: list[bytes] = []
@@ -208,6 +212,8 @@ class NetDevice(VirtioDevice):
         queue.add_used_many(used)
         self.stats.tx.requests += len(frames)
         self.stats.tx.bytes += nbytes
+        if heads:
+            self.stats.tx.service.observe((time.perf_counter() - t0) / len(heads), len(heads))
         if frames:
             if self.peer is None:
                 self._drop("no_peer", len(frames))
@@ -243,6 +249,7 @@ class NetDevice(VirtioDevice):
         if queue is None or not backlog:
             return 0
         placed = 0
+        t0 = time.perf_counter()
         before = queue.next_used
         mrg = self.has_feature(ns.VIRTIO_NET_F_MRG_RXBUF)
         translate = queue.mem.translate
@@ -266,6 +273,8 @@ class NetDevice(VirtioDevice):
             self._drop(e.reason)
         self.stats.rx.requests += placed
         self.stats.rx.bytes += nbytes
+        if placed:
+            self.stats.rx.service.observe((time.perf_counter() - t0) / placed, placed)
         if queue.next_used != before:
             self.signal(ns.rx_queue_index(pair))
         return placed
