@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_argument("--metrics-addr", default="127.0.0.1")
     blk.add_argument("--name", help="the device's name in metric labels (default: its type)")
     blk.add_argument("--vm", default="standalone", help="value of the 'vm' metric label")
+    blk.add_argument("--no-metrics", action="store_true",
+                     help="skip per-request metric accounting (only to measure its cost)")
     blk.add_argument("--poll-us", type=float, default=200.0,
                      help="busy-poll the ring this long after a batch before sleeping (0 = never)")
 
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--poll-us", type=float, default=50.0,
                     help="driver busy-polls the used ring this long before sleeping on the interrupt (0 = never)")
     bb.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bm = bsub.add_parser("blk-metrics", help="what metrics cost: null device with accounting + 1 Hz scrapes vs without")
+    bm.add_argument("--rounds", type=_positive_int, default=4)
+    bm.add_argument("--runtime", type=float, default=3.0, help="seconds per round")
+    bm.add_argument("--json", action="store_true")
 
     bc = bsub.add_parser("blk-compare", help="simvirt's null device vs qemu-storage-daemon null-co, same driver, one run")
     bc.add_argument("--rw", choices=["read", "write", "randread", "randwrite", "randrw"], default="randread")

@@ -58,6 +58,16 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"balloon: inflate {r['inflate_bytes'] >> 20} MiB of {r['ram_bytes'] >> 20} MiB in {r['inflate_s']} s "
                   f"({r['released_ratio'] * 100:.1f}% handed back), deflate in {r['deflate_s']} s")
         return 0
+    if args.bench == "blk-metrics":
+        from simvirt.bench.blk import BlkBenchOptions
+        from simvirt.bench.metrics_overhead import run_metrics_overhead
+        r = asyncio.run(run_metrics_overhead(BlkBenchOptions(runtime=args.runtime), args.rounds))
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"blk metrics overhead: {r['overhead'] * 100:.1f}% (median IOPS {r['median_with']:.0f} with vs "
+                  f"{r['median_without']:.0f} without, {r['scrapes']} scrapes)")
+        return 0
     if args.bench == "blk-compare":
         from simvirt.bench.blk import BlkBenchOptions
         from simvirt.bench.compare import run_compare

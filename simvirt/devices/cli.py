@@ -25,6 +25,7 @@ def run_device_command(args: argparse.Namespace) -> int:
             raise ValueError(f"disk of {storage.size} bytes is smaller than one sector")
         dev = BlkDevice(storage, serial=args.serial, num_queues=args.num_queues, readonly=args.readonly,
                         seg_max=args.seg_max, size_max=args.size_max, vm=args.vm, label=args.name)
+        dev.count_metrics = not args.no_metrics
         try:
             return run_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                               poll_us=args.poll_us)
