@@ -40,8 +40,6 @@ RING_OCCUPANCY = Gauge("simvirt_ring_occupancy_ratio", "In-flight chains / queue
 ERRORS = Counter("simvirt_errors", "Bad input and failed requests by reason", _D + ["reason"], registry=REGISTRY)
 DRIVER_REQUESTS = Counter("simvirt_driver_requests", "Requests completed by a guest driver, by operation", _D + ["op"], registry=REGISTRY)
 _LAT_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0)
-REQUEST_LATENCY = Histogram("simvirt_request_latency_seconds", "Driver-side latency from add to used", _D + ["op"],
-                            buckets=_LAT_BUCKETS, registry=REGISTRY)
 VHOST_USER_MESSAGES = Counter("simvirt_vhost_user_messages", "vhost-user requests handled", _D + ["request"], registry=REGISTRY)
 FRONTEND_CONNECTIONS = Counter("simvirt_frontend_connections", "vhost-user frontends that connected", _D, registry=REGISTRY)
 PROCESS_INFO = Gauge("simvirt_process_info", "One per simvirt process", ["vm", "role", "pid"], registry=REGISTRY)
@@ -107,6 +105,21 @@ class OpStats:
         _LIVE_OPS.add(self)
 
 
+class LatencyStats:
+    """Driver-side add-to-used latency per operation, as a plain-int histogram."""
+
+    __slots__ = ("labels", "hist", "__weakref__")
+
+    def __init__(self, vm: str, device: str, op: str) -> None:
+        self.labels = [vm, device, op]
+        self.hist = _Hist(_LAT_BUCKETS)
+        _LIVE_LAT.add(self)
+
+    def observe(self, seconds: float) -> None:
+        self.hist.observe(seconds)
+
+
+_LIVE_LAT: "weakref.WeakSet[LatencyStats]" = weakref.WeakSet()
 _LIVE_QUEUES: "weakref.WeakSet[QueueStats]" = weakref.WeakSet()
 _LIVE_OPS: "weakref.WeakSet[OpStats]" = weakref.WeakSet()
 
@@ -142,6 +155,11 @@ class _HotPathCollector(Collector):
         yield r
         yield b
         yield sv
+        lat = HistogramMetricFamily("simvirt_request_latency_seconds", "Driver-side latency from add to used",
+                                    labels=_D + ["op"])
+        for st in list(_LIVE_LAT):
+            lat.add_metric(st.labels, st.hist.family_buckets(), st.hist.sum)
+        yield lat
 
 
 REGISTRY.register(_HotPathCollector())

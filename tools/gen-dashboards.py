@@ -27,6 +27,8 @@ DASHBOARDS = {
         ("Bytes by op", "sum by (device, op) (rate(simvirt_bytes_total{op=~\"read|write\"}[1m]))", "Bps"),
         ("Device service time p99", "histogram_quantile(0.99, sum by (le, device, op) (rate(simvirt_device_service_seconds_bucket{op=~\"read|write\"}[1m])))", "s"),
         ("Device service time p50", "histogram_quantile(0.5, sum by (le, device, op) (rate(simvirt_device_service_seconds_bucket{op=~\"read|write\"}[1m])))", "s"),
+        ("Driver latency add→used p99", "histogram_quantile(0.99, sum by (le, device, op) (rate(simvirt_request_latency_seconds_bucket{op=~\"read|write\"}[1m])))", "s"),
+        ("Driver latency add→used p50", "histogram_quantile(0.5, sum by (le, device, op) (rate(simvirt_request_latency_seconds_bucket{op=~\"read|write\"}[1m])))", "s"),
         ("Requests completed through the driver API", "sum by (device, op) (rate(simvirt_driver_requests_total[1m]))", "ops"),
         ("Bad requests by reason", "sum by (device, reason) (increase(simvirt_errors_total[5m]))", "short"),
     ]),

@@ -84,6 +84,7 @@ class _Slot:
         w = self.w
         now = perf_counter_ns()
         w.lat.append(now - self.t0)
+        (w.lat_read if self.read else w.lat_write).observe((now - self.t0) * 1e-9)
         w.inflight -= 1
         if status:
             w.errors += 1
@@ -130,6 +131,8 @@ class BlkWorkload:
         self.zero = bytes(o.bs)
         self.fill = b"\xaa" * o.bs
         self.slots: list[_Slot] = []
+        self.lat_read = drv.latency[s.VIRTIO_BLK_T_IN]
+        self.lat_write = drv.latency[s.VIRTIO_BLK_T_OUT]
         directions = {"read": (True,), "randread": (True,), "write": (False,), "randwrite": (False,)}.get(o.rw, (True, False))
         for i in range(o.iodepth):
             gpa = alloc.alloc(o.bs)

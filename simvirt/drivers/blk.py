@@ -126,7 +126,7 @@ class VirtioBlkDriver:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._rr = 0
         vm, dev = transport.vm, transport.label
-        self._lat = {k: metrics.REQUEST_LATENCY.labels(vm, dev, name) for k, name in s.OP_NAMES.items()}
+        self.latency = {k: metrics.LatencyStats(vm, dev, name) for k, name in s.OP_NAMES.items()}
         self._req = {k: metrics.DRIVER_REQUESTS.labels(vm, dev, name) for k, name in s.OP_NAMES.items()}
 
     # -- probe ------------------------------------------------------------
@@ -271,7 +271,7 @@ class VirtioBlkDriver:
 
         self.submit(bq, rtype, sector, data, done)
         status, length = await fut
-        self._lat[rtype].observe(time.perf_counter() - t0)
+        self.latency[rtype].observe(time.perf_counter() - t0)
         self._req[rtype].inc()
         if status != s.VIRTIO_BLK_S_OK:
             raise BlkError(s.OP_NAMES.get(rtype, str(rtype)), status)

@@ -118,6 +118,7 @@ class VirtioNetDriver:
             self._reclaim_tx()
             if not self.tx.queue.enable_interrupts():
                 break
+        self.tx.flush_metrics()
 
     def try_send(self, frame: bytes, hdr: Optional[ns.VirtioNetHdr] = None, publish: bool = True) -> bool:
         """Queue one frame; False if no transmit slot is free (after reclaiming)."""
@@ -160,6 +161,9 @@ class VirtioNetDriver:
                 continue
             if not q.enable_interrupts():
                 break
+        self.rx.flush_metrics()
+        if self.tx is not None:
+            self.tx.flush_metrics()
 
     def _rx_drain(self) -> None:
         assert self.rx is not None
