@@ -25,6 +25,9 @@ from prometheus_client import ProcessCollector, PlatformCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from prometheus_client import disable_created_metrics
+
+disable_created_metrics()  # no *_created series: they double every counter for nothing we use
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY, namespace="simvirt")
 PlatformCollector(registry=REGISTRY)

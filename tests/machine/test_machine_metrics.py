@@ -40,6 +40,12 @@ def test_one_scrape_address_covers_every_process_without_duplicate_series():
         assert roles == {"driver", "device-vda", "device-vdb", "device-net0", "device-balloon0"}
         assert by_name["simvirt_guest_ram_resident_bytes"] and by_name["simvirt_balloon_pages"]
         assert all(lab.get("vm") == "demo" for lab in by_name["simvirt_kicks_received_total"])
+        # docs/metrics.md names every family a machine exports.
+        import pathlib
+
+        doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+        families = {fam.name for fam in text_string_to_metric_families(text) if fam.name.startswith("simvirt_")}
+        assert families and not [f for f in families if f not in doc and f + "_total" not in doc]
     finally:
         proc.wait(60)
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
