@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = bsub.add_parser("net", help="frame throughput through the simvirt guest net driver")
     bn.add_argument("--direction", choices=["tx", "rx"], default="tx")
-    bn.add_argument("--frame-size", type=int, default=1514, help="Ethernet frame bytes (64..1514)")
+    bn.add_argument("--frame-size", type=int, default=1514,
+                    help="Ethernet frame bytes (64..65549; above 1514 the device MTU grows to fit)")
     bn.add_argument("--runtime", type=float, default=5.0)
     bn.add_argument("--connect", metavar="SOCKET")
     bn.add_argument("--json", action="store_true")

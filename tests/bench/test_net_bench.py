@@ -33,3 +33,15 @@ def test_net_rx_stream_reaches_the_guest():
     r = _run("net", "--direction", "rx", "--frame-size", "1514", "--runtime", "1")
     assert r["frames"] > 1000 and r["drops"] == 0
     assert abs(r["gbps"] - r["frames"] * 1514 * 8 / r["runtime_s"] / 1e9) < 0.01
+
+
+def test_net_tx_jumbo_frames_grow_the_mtu_and_are_counted():
+    r = _run("net", "--direction", "tx", "--frame-size", "65549", "--runtime", "1")
+    assert r["frames"] > 100 and r["drops"] == 0 and r["frames"] == r["sent"] + 1
+    assert r["gbps"] > 0.5
+
+
+def test_net_rx_jumbo_is_refused_clearly():
+    out = subprocess.run([sys.executable, "-m", "simvirt", "bench", "net", "--direction", "rx", "--frame-size", "9000"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not supported yet" in out.stderr
