@@ -275,6 +275,10 @@ class NetDevice(VirtioDevice):
         self.stats.rx.bytes += nbytes
         if placed:
             self.stats.rx.service.observe((time.perf_counter() - t0) / placed, placed)
+        if backlog:
+            # Frames are waiting for buffers: make sure the driver's next refill kicks us
+            # (with EVENT_IDX it only kicks past avail_event, which must follow what we took).
+            queue.enable_notification()
         if queue.next_used != before:
             self.signal(ns.rx_queue_index(pair))
         return placed

@@ -62,7 +62,10 @@ class ResponderPeer:
                 await asyncio.sleep(0.01)  # no guest (yet)
                 continue
             room = q.pending()
-            if room and not dev.backlog:
+            if room and dev.backlog:
+                dev.deliver([])  # buffers arrived without a kick reaching us: drain the backlog first
+                await asyncio.sleep(0)
+            elif room:
                 dev.deliver(self._stream.take(min(room, 256)))
                 await asyncio.sleep(0)
             else:
