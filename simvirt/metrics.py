@@ -18,7 +18,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     start_http_server,
 )
 from prometheus_client import ProcessCollector, PlatformCollector
@@ -186,15 +185,20 @@ def serve(port: Optional[int], addr: str = "127.0.0.1", registry: Optional[Colle
     return server.server_address[1]
 
 
-def scrape(port: int, name: str, addr: str = "127.0.0.1", **labels: str) -> float:
-    """Sum of the samples called ``name`` (with these label values) at a /metrics endpoint."""
-    import urllib.request
-
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``, in exposition text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://{addr}:{port}/metrics", timeout=5).read().decode()
     return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
                if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
+
+
+def scrape(port: int, name: str, addr: str = "127.0.0.1", **labels: str) -> float:
+    """:func:`sample_sum` over what a /metrics endpoint serves right now."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{addr}:{port}/metrics", timeout=5).read().decode()
+    return sample_sum(text, name, **labels)
 
 
 def mark_process(vm: str, role: str) -> None:

@@ -17,14 +17,12 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import struct
 import tempfile
 import time
 import urllib.request
 from typing import Optional
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from simvirt.bench.procs import DeviceProcess
 from simvirt.devices.blk import spec as blk
@@ -140,20 +138,8 @@ def write_indirect_table(mem: GuestMemory, gpa: int, segs: list[tuple[int, int, 
 # ---------------------------------------------------------------------------
 # device processes and metrics
 # ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_metrics(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+from simvirt.bench.procs import free_port  # noqa: E402,F401  (re-exported for the tests)
+from simvirt.metrics import sample_sum as parse_metrics  # noqa: E402,F401
 
 
 class Device:

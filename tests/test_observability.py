@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from simvirt.machine.run import free_port
+from simvirt.bench.procs import free_port
 from tests.conftest import require_tool
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

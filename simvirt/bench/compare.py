@@ -6,7 +6,6 @@ alike; the report gives each side's median and the ratio of medians.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import statistics

@@ -7,7 +7,6 @@ The report is the ratio of median IOPS; the budget is 5 %.
 """
 from __future__ import annotations
 
-import asyncio
 import statistics
 import threading
 import urllib.request
@@ -15,7 +14,7 @@ from dataclasses import replace
 
 from simvirt.bench.blk import BlkBenchOptions, run_blk_bench
 from simvirt.bench.procs import DeviceProcess
-from simvirt.machine.run import free_port
+from simvirt.bench.procs import free_port
 
 
 def _scraper(port: int, stop: threading.Event, counter: list[int]) -> None:

@@ -16,7 +16,7 @@ from simvirt.bench.procs import DeviceProcess
 from simvirt.drivers.net import VirtioNetDriver
 from simvirt.drivers.netstack import GuestStack
 from simvirt.drivers.transport import VhostUserTransport
-from simvirt.machine.run import free_port
+from simvirt.bench.procs import free_port
 from simvirt.metrics import scrape
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.net import packets as pk

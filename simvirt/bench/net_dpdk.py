@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from simvirt.machine.run import free_port
+from simvirt.bench.procs import free_port
 from simvirt.metrics import scrape
 
 

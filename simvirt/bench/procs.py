@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Optional
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for metrics endpoints)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class DeviceProcess:

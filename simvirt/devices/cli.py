@@ -48,7 +48,8 @@ def _run_net(args: argparse.Namespace) -> int:
     import asyncio
 
     from simvirt.devices.net.device import NetDevice
-    from simvirt.devices.net.peers import PcapPeer, ResponderPeer
+    from simvirt.devices.net.peers import ResponderPeer
+    from simvirt.net.pcap import PcapWriter
     from simvirt.devices.runner import install_uvloop, serve_device
     from simvirt.net.packets import parse_mac
 
@@ -65,6 +66,8 @@ def _run_net(args: argparse.Namespace) -> int:
         raise ValueError("only the switch backend serves several --socket paths")
     if not 68 <= args.mtu <= 65535:
         raise ValueError("--mtu must be 68..65535")
+    if args.rx_stream and kind != "responder":
+        raise ValueError("--rx-stream needs the responder backend")
     dev = NetDevice(mac=parse_mac(args.mac), mtu=args.mtu, queue_pairs=args.queues, vm=args.vm, label=args.name)
 
     async def main() -> None:
@@ -79,15 +82,18 @@ def _run_net(args: argparse.Namespace) -> int:
             peer = StreamPeer(dev, loop, bargs[0], int(bargs[1]))
         else:
             peer = DgramPeer(dev, loop, (bargs[0], int(bargs[1])), (bargs[2], int(bargs[3])))
-        if args.rx_stream and kind != "responder":
-            raise ValueError("--rx-stream needs the responder backend")
-        dev.peer = PcapPeer(peer, dev, args.pcap) if args.pcap else peer
+        dev.peer = peer
+        if args.pcap:
+            dev.capture = PcapWriter.open(args.pcap)
         try:
             await serve_device(dev, args.socket[0], metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                                poll_us=args.poll_us)
         finally:
-            if args.pcap:
-                dev.peer.close()  # type: ignore[union-attr]
+            if dev.capture is not None:
+                dev.capture.close()
+            close = getattr(peer, "close", None)
+            if close is not None:
+                close()
 
     install_uvloop()
     asyncio.run(main())

@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Optional
 
-from simvirt import metrics
 from simvirt.devices.balloon import spec as s
 from simvirt.drivers.transport import DriverQueueHandle, VhostUserTransport
 from simvirt.memory.alloc import OutOfGuestMemory, PageAllocator

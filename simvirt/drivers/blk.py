@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from simvirt import metrics
 from simvirt.devices.blk import spec as s

@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import sys
 import tempfile
 import time
 from typing import Optional
@@ -24,7 +22,7 @@ from rich.table import Table
 
 from simvirt import metrics
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
-from simvirt.bench.procs import DeviceProcess
+from simvirt.bench.procs import DeviceProcess, free_port
 from simvirt.bench.stats import percentiles_us
 from simvirt.devices.runner import install_uvloop
 from simvirt.drivers.blk import VirtioBlkDriver
@@ -45,12 +43,6 @@ from simvirt.net.packets import ip_bytes, udp_frame
 from simvirt.machine.federate import machine_registry
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Machine:

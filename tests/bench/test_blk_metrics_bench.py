@@ -20,7 +20,7 @@ def test_blk_metrics_overhead_report():
 def test_no_metrics_device_really_skips_request_accounting(tmp_path):
     """--no-metrics leaves simvirt_requests_total at zero while I/O flows."""
     from simvirt.bench.procs import DeviceProcess
-    from simvirt.machine.run import free_port
+    from simvirt.bench.procs import free_port
     from simvirt.metrics import scrape
 
     port = free_port()

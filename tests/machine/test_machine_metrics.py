@@ -9,7 +9,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from simvirt.machine.run import free_port
+from simvirt.bench.procs import free_port
 
 
 def test_one_scrape_address_covers_every_process_without_duplicate_series():

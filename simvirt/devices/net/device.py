@@ -20,6 +20,7 @@ from simvirt.devices.base import VirtioDevice
 from simvirt.memory.guest import GuestAddressError
 from simvirt.net import spec as ns
 from simvirt.net.offload import complete_checksum, segment
+from simvirt.net.pcap import PcapWriter
 from simvirt.net.packets import is_broadcast, is_multicast
 from simvirt.virtio.errors import VirtqueueError
 from simvirt.virtio.queue import Queue
@@ -68,7 +69,8 @@ class NetDevice(VirtioDevice):
         self.rx_queues: dict[int, Queue] = {}
         self.backlog: collections.deque[bytes] = collections.deque()
         self.stats = NetStats(vm, self.label)
-        self.pcap = None
+        # Every frame in either direction, as the wire would show it (--pcap).
+        self.capture: Optional[PcapWriter] = None
         metrics.declare_errors(vm, self.label, ["tx_short_frame", "tx_oversize", "rx_no_buffer",
                                                 "rx_buffer_too_small", "rx_filtered", "bad_address"])
 
@@ -215,6 +217,9 @@ class NetDevice(VirtioDevice):
         if heads:
             self.stats.tx.service.observe((time.perf_counter() - t0) / len(heads), len(heads))
         if frames:
+            if self.capture is not None:
+                self.capture.write_many(frames)
+                self.capture.flush()
             if self.peer is None:
                 self._drop("no_peer", len(frames))
             else:
@@ -234,6 +239,9 @@ class NetDevice(VirtioDevice):
 
     def deliver(self, frames: list[bytes], pair: int = 0) -> int:
         """Frames from the peer toward the guest; returns how many were placed."""
+        if frames and self.capture is not None:
+            self.capture.write_many(frames)
+            self.capture.flush()
         queue = self.rx_queues.get(pair)
         backlog = self.backlog
         for f in frames:

@@ -6,7 +6,6 @@ import logging
 from typing import Optional
 
 from simvirt.devices.net.device import NetDevice
-from simvirt.net.pcap import PcapWriter
 from simvirt.net.responder import Responder, UdpStream
 
 log = logging.getLogger(__name__)
@@ -70,32 +69,6 @@ class ResponderPeer:
                 await asyncio.sleep(0)
             else:
                 await asyncio.sleep(0.0001)
-
-
-class PcapPeer:
-    """Wraps a peer and the device's receive path to capture every frame."""
-
-    def __init__(self, inner, device: NetDevice, path: str) -> None:
-        self.inner = inner
-        self.accepts_offload = False
-        self.writer = PcapWriter.open(path)
-        orig = device.deliver
-
-        def deliver(frames: list[bytes], pair: int = 0) -> int:
-            if frames:
-                self.writer.write_many(frames)
-                self.writer.flush()
-            return orig(frames, pair)
-
-        device.deliver = deliver  # type: ignore[method-assign]
-
-    def send(self, frames: list[bytes]) -> None:
-        self.writer.write_many(frames)
-        self.writer.flush()
-        self.inner.send(frames)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class TapPeer:

@@ -21,7 +21,7 @@ from typing import Optional
 from simvirt import metrics
 from simvirt.control import ControlError, request, serve_control
 from simvirt.devices.net.device import NetDevice
-from simvirt.devices.net.peers import PcapPeer
+from simvirt.net.pcap import PcapWriter
 from simvirt.devices.runner import install_uvloop
 from simvirt.net.packets import parse_mac
 from simvirt.net.switch import L2Switch
@@ -70,8 +70,9 @@ class SwitchHub:
         dev_mac = parse_mac(mac) if mac else bytes([0x52, 0x54, 0x00, 0x5A, (port >> 8) & 0xFF, port & 0xFF])
         dev = NetDevice(mac=dev_mac, mtu=self.mtu, vm=self.vm, label=f"{self.name}-p{port}")
         dev.promisc = True  # a switch port takes every frame the switch decides to send it
-        peer = SwitchPort(self, port)
-        dev.peer = PcapPeer(peer, dev, f"{self.pcap}.p{port}") if self.pcap else peer
+        dev.peer = SwitchPort(self, port)
+        if self.pcap:
+            dev.capture = PcapWriter.open(f"{self.pcap}.p{port}")
         loop = asyncio.get_running_loop()
         server = VhostUserServer(dev, socket_path, loop=loop, poll_us=20.0)
         server.listen()
@@ -94,6 +95,9 @@ class SwitchHub:
     def close(self) -> None:
         for task in self.tasks.values():
             task.cancel()
+        for dev in self.devices.values():
+            if dev.capture is not None:
+                dev.capture.close()
         for server in self.servers.values():
             server.close()
 

@@ -25,7 +25,6 @@ import time
 import urllib.request
 from typing import Any, Callable, Optional
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from simvirt.control import request
 from simvirt.devices.balloon import spec as s
@@ -51,20 +50,8 @@ FEATURE_BITS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return so.getsockname()[1]
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
-                total += smp.value
-    return total
+from simvirt.bench.procs import free_port  # noqa: E402,F401  (re-exported for the tests)
+from simvirt.metrics import sample_sum as metric  # noqa: E402,F401
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition", interval: float = 0.002) -> Any:
