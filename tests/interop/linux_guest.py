@@ -29,6 +29,7 @@ import fcntl
 import gzip
 import os
 import re
+import selectors
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ BUILD_SCRIPT = REPO_ROOT / "tools" / "build-guest.sh"
 QEMU = "qemu-system-x86_64"
 EXIT_MARKER = "SIMVIRT-GUEST-EXIT"
 _ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[^\[])")
+INIT_MARKER = "simvirt-guest: kernel "   # first line /init prints, before any insmod
 _EXIT_RE = re.compile(rf"^{EXIT_MARKER} (\d+)\b", re.MULTILINE)
 
 
@@ -158,6 +160,7 @@ class GuestResult:
     timed_out: bool = False
     qemu_returncode: int | None = None
     cmdline: list[str] = dataclasses.field(default_factory=list, repr=False)
+    boot_retries: int = 0     # boots abandoned because the kernel never reached /init
 
     @property
     def script_output(self) -> str:
@@ -173,7 +176,8 @@ class GuestResult:
         """Human-readable summary for assertion messages."""
         what = "TIMED OUT" if self.timed_out else f"guest rc={self.rc}"
         return (
-            f"{what}, qemu rc={self.qemu_returncode}, {self.duration:.1f}s\n"
+            f"{what}, qemu rc={self.qemu_returncode}, {self.duration:.1f}s, "
+            f"boot retries {self.boot_retries}\n"
             f"cmdline: {' '.join(self.cmdline)}\n"
             f"----- guest console -----\n{self.output}\n----- end console -----"
         )
@@ -191,6 +195,8 @@ def run_guest(
     files: Mapping[str, bytes | str | tuple[bytes | str, int]] | None = None,
     append: str = "",
     machine: str | None = None,
+    boot_timeout: float = 60,
+    boot_retries: int = 2,
 ) -> GuestResult:
     """Boot the guest, run ``script`` as ``/test.sh``, return its exit code.
 
@@ -198,6 +204,9 @@ def run_guest(
     vhost-user needs.  ``qemu_args`` are appended verbatim (devices,
     chardevs, ``-smp`` ...).  ``files`` are extra guest files for the
     appended archive.  On timeout QEMU is killed and ``rc`` is None.
+    A boot whose kernel prints nothing from /init within ``boot_timeout``
+    seconds is abandoned and retried (at most ``boot_retries`` times; see
+    ``GuestResult.boot_retries``); ``timeout`` applies to each boot.
     """
     vmlinuz, base_initrd = ensure_guest()
     qemu = require_tool(QEMU)
@@ -221,15 +230,23 @@ def run_guest(
             *qemu_args,
         ]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        timed_out = False
-        try:
-            raw, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            raw, _ = proc.communicate()
+        raw = b""
+        retries = 0
+        while True:
+            attempt, timed_out, stuck, rcode = _run_qemu(cmd, time.monotonic() + timeout,
+                                                         boot_timeout)
+            raw += attempt
+            if stuck and retries < boot_retries:
+                # The kernel never reached /init: no virtio driver had been
+                # loaded yet (they are modules /init inserts), so this is
+                # TCG's intermittent SMP bring-up hang, not the device under
+                # test.  Boot again, keeping the stuck console in the output.
+                retries += 1
+                raw += (f"\n[harness: no '{INIT_MARKER}' within {boot_timeout:.0f}s; "
+                        f"QEMU killed, booting again (retry {retries})]\n").encode()
+                continue
+            timed_out = timed_out or stuck
+            break
         duration = time.monotonic() - t0
 
     output = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "")
@@ -238,7 +255,55 @@ def run_guest(
     for m in _EXIT_RE.finditer(output):
         rc = int(m.group(1))
     return GuestResult(rc=rc, output=output, duration=duration, timed_out=timed_out,
-                       qemu_returncode=proc.returncode, cmdline=cmd)
+                       qemu_returncode=rcode, cmdline=cmd, boot_retries=retries)
+
+
+def _run_qemu(cmd: list[str], deadline: float, boot_timeout: float) -> tuple[bytes, bool, bool, int | None]:
+    """Run QEMU once; returns (console bytes, timed_out, stuck_before_init, returncode).
+
+    The console is read as it arrives so that a kernel that never reaches
+    /init is noticed after ``boot_timeout`` seconds instead of at the end of
+    the whole timeout.
+    """
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    seen_init = False
+    timed_out = stuck = False
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
+            if not seen_init and now - started >= boot_timeout:
+                stuck = True
+                break
+            if sel.select(timeout=min(1.0, deadline - now)):
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                chunks.append(data)
+                if not seen_init and INIT_MARKER.encode() in b"".join(chunks[-2:]):
+                    seen_init = True
+    if timed_out or stuck:
+        proc.kill()
+    proc.wait()
+    try:
+        rest = os.read(fd, 1 << 20)
+        chunks.append(rest)
+    except (BlockingIOError, OSError):
+        pass
+    proc.stdout.close()
+    return b"".join(chunks), timed_out, stuck, proc.returncode
 
 
 # --------------------------------------------------------------------- self-check

@@ -61,7 +61,7 @@ class Backend:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.cmd = [sys.executable, "-m", "simvirt", "device", "blk", "--socket", str(socket), *args]
+        self.cmd = [sys.executable, "-m", "simvirt", "-vv", "device", "blk", "--socket", str(socket), *args]
         self._logf = open(log, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._logf, stderr=subprocess.STDOUT)
