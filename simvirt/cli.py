@@ -131,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--connect", metavar="SOCKET", help="an existing vhost-user-net backend (default: start one)")
     bp.add_argument("--count", type=_positive_int, default=200)
     bp.add_argument("--interval", type=float, default=0.0, help="seconds between pings")
-    bp.add_argument("--poll-us", type=float, default=50.0, help="driver polls the rx used ring this long after a send")
+    bp.add_argument("--poll-us", type=float, default=50.0,
+                    help="driver polls the rx used ring this long after an interrupt before sleeping again")
+    bp.add_argument("--busy-poll-us", type=float, default=1000.0,
+                    help="driver spins on the rx used ring this long for each reply instead of waiting for the "
+                         "interrupt (like SO_BUSY_POLL; 0 = interrupt-driven)")
+    bp.add_argument("--device-poll-us", type=float, default=200.0,
+                    help="the started device busy-polls its transmit ring this long after a batch (0 = kicks only)")
+    bp.add_argument("--no-pin", action="store_true",
+                    help="leave CPU placement to the scheduler (default: driver and device on different CPUs)")
     bp.add_argument("--json", action="store_true")
 
     bn = bsub.add_parser("net", help="frame throughput through the simvirt guest net driver")
@@ -140,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ethernet frame bytes (64..65549; above 1514 the device MTU grows to fit)")
     bn.add_argument("--runtime", type=float, default=5.0)
     bn.add_argument("--connect", metavar="SOCKET")
+    bn.add_argument("--no-pin", action="store_true",
+                    help="leave CPU placement to the scheduler (default: driver and device on different CPUs)")
     bn.add_argument("--json", action="store_true")
 
     bnd = bsub.add_parser("net-dpdk", help="dpdk-testpmd virtio_user into our net device vs into DPDK's vhost backend")

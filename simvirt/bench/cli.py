@@ -22,7 +22,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "net":
         from simvirt.bench.net import run_net_bench
-        r = asyncio.run(run_net_bench(args.direction, args.frame_size, args.runtime, args.connect))
+        r = asyncio.run(run_net_bench(args.direction, args.frame_size, args.runtime, args.connect, pin=not args.no_pin))
         if args.json:
             print(json.dumps(r))
         else:
@@ -40,7 +40,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "ping":
         from simvirt.bench.ping import run_ping_bench
-        r = asyncio.run(run_ping_bench(args.connect, args.count, args.interval, args.poll_us))
+        r = asyncio.run(run_ping_bench(args.connect, args.count, args.interval, args.poll_us,
+                                       busy_poll_us=args.busy_poll_us, device_poll_us=args.device_poll_us,
+                                       pin=not args.no_pin))
         if args.json:
             print(json.dumps(r))
         else:

@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional, Sequence
 
 from simvirt.bench.stats import percentiles_us
 
 
-def eventfd_rtt(count: int = 2000) -> dict[str, float]:
+def eventfd_rtt(count: int = 2000, cpus: Optional[Sequence[int]] = None) -> dict[str, float]:
+    """Round-trip percentiles; ``cpus=(a, b)`` puts this process on CPU a and the echoing
+    one on CPU b, the placement of the thing being compared (e.g. a pinned ping)."""
     ping = os.eventfd(0, os.EFD_CLOEXEC)
     pong = os.eventfd(0, os.EFD_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the echoing process: blocking reads, like a sleeping device
         try:
+            if cpus is not None:
+                os.sched_setaffinity(0, {cpus[1]})
             for _ in range(count + 10):
                 os.eventfd_read(ping)
                 os.eventfd_write(pong, 1)
         finally:
             os._exit(0)
+    saved = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     samples = []
     now = time.perf_counter_ns
     try:
@@ -32,6 +40,7 @@ def eventfd_rtt(count: int = 2000) -> dict[str, float]:
             if i >= 10:
                 samples.append(now() - t0)
     finally:
+        os.sched_setaffinity(0, saved)
         os.waitpid(pid, 0)
         os.close(ping)
         os.close(pong)

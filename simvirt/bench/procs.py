@@ -55,3 +55,26 @@ class DeviceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def pin_apart(device_pid: int) -> Optional[tuple[set[int], list[int]]]:
+    """Put this process (the driver) and a device process on different CPUs.
+
+    Two busy-polling processes left to the scheduler are often woken onto one
+    CPU (wake-affine), where each spins against the other and both run at
+    half speed or worse; latency-tuned setups pin them apart (DPDK lcores,
+    vhost worker affinity).  Returns (saved affinity, [driver cpu, device
+    cpu]) for :func:`unpin`, or None with fewer than two usable CPUs.
+    """
+    saved = os.sched_getaffinity(0)
+    cpus = sorted(saved)
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(device_pid, {cpus[1]})
+    os.sched_setaffinity(0, {cpus[0]})
+    return saved, [cpus[0], cpus[1]]
+
+
+def unpin(pinned: Optional[tuple[set[int], list[int]]]) -> None:
+    if pinned is not None:
+        os.sched_setaffinity(0, pinned[0])

@@ -80,6 +80,14 @@ class VirtioDevice:
         """True for rings whose buffers the device consumes on its own schedule (net rx)."""
         return False
 
+    def passive_wants_kick(self, index: int) -> bool:
+        """Should the driver kick a passive ring when it adds buffers?
+
+        Only while the device has something waiting for buffers; otherwise a
+        refill kick is a wasted eventfd write on the driver's hot path.
+        """
+        return True
+
     def reset(self) -> None:
         """The frontend disconnected or reset the device: drop guest state."""
         self.acked_features = 0

@@ -28,11 +28,13 @@ WANTED_FEATURES = (
 )
 HDR = ns.VIRTIO_NET_HDR_SIZE
 PAGE = 4096
+_PLAIN_HDR = ns.VirtioNetHdr().pack()  # no offload requested
+_SPIN_ALONE_NS = 40_000  # busy-poll this long before yielding the CPU on each turn
 
 
 class VirtioNetDriver:
     def __init__(self, transport: VhostUserTransport, *, queue_size: int = 256, features: int = WANTED_FEATURES,
-                 poll_us: float = 0.0, tx_buf: int = 2048) -> None:
+                 poll_us: float = 0.0, tx_buf: int = 2048, rx_buf: int = 0) -> None:
         self.transport = transport
         self.mem = transport.mem
         self.alloc = transport.alloc
@@ -40,10 +42,17 @@ class VirtioNetDriver:
         self.wanted = features
         self.poll_ns = int(poll_us * 1000)
         self.tx_buf = tx_buf
+        # Receive buffer size: 0 = a page with MRG_RXBUF (Linux's choice), else one
+        # MTU-sized frame.  Bigger mergeable buffers (e.g. 64 KiB for TSO-sized
+        # frames) mean one used entry per frame instead of one per page.
+        self.rx_buf = rx_buf
         self.mac = b"\0" * 6
         self.mtu = 1500
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.on_frame: Callable[[bytes], None] = lambda frame: None
+        # Optional zero-copy consumer: gets single-buffer frames as views of guest
+        # RAM, valid only during the call (the buffer is re-posted right after).
+        self.on_frame_view: Optional[Callable[[memoryview], None]] = None
         self.rx: Optional[DriverQueueHandle] = None
         self.tx: Optional[DriverQueueHandle] = None
         self.ctrl: Optional[DriverQueueHandle] = None
@@ -77,7 +86,7 @@ class VirtioNetDriver:
         if t.has(ns.VIRTIO_NET_F_CTRL_VQ):
             self.ctrl = t.setup_queue(2, 64)
         mrg = t.has(ns.VIRTIO_NET_F_MRG_RXBUF)
-        rx_size = PAGE if mrg else max(2048, HDR + self.mtu + 18)
+        rx_size = max(2048, HDR + self.mtu + 18) if not mrg else (self.rx_buf or PAGE)
         q = self.rx.queue
         for slot in range(self.queue_size):
             gpa = self.alloc.alloc(rx_size)
@@ -120,8 +129,11 @@ class VirtioNetDriver:
                 break
         self.tx.flush_metrics()
 
-    def try_send(self, frame: bytes, hdr: Optional[ns.VirtioNetHdr] = None, publish: bool = True) -> bool:
-        """Queue one frame; False if no transmit slot is free (after reclaiming)."""
+    def try_send(self, frame: bytes, hdr: ns.VirtioNetHdr | bytes | None = None, publish: bool = True) -> bool:
+        """Queue one frame; False if no transmit slot is free (after reclaiming).
+
+        ``hdr`` may be a packed 12-byte header (senders of many alike frames pack it once).
+        """
         assert self.tx is not None
         if not self.tx_free:
             self._reclaim_tx()
@@ -132,7 +144,7 @@ class VirtioNetDriver:
             raise ValueError(f"frame of {len(frame)} bytes exceeds the {self.tx_buf - HDR}-byte transmit buffer")
         slot = self.tx_free.pop()
         gpa, view, head = self.tx_slots[slot]
-        view[:HDR] = (hdr or ns.VirtioNetHdr()).pack()
+        view[:HDR] = _PLAIN_HDR if hdr is None else hdr if isinstance(hdr, bytes) else hdr.pack()
         view[HDR:n] = frame
         q = self.tx.queue
         # The persistent chain's length is the buffer size; say how much is frame.
@@ -144,7 +156,7 @@ class VirtioNetDriver:
             self.tx.publish()
         return True
 
-    async def send(self, frame: bytes, hdr: Optional[ns.VirtioNetHdr] = None) -> None:
+    async def send(self, frame: bytes, hdr: ns.VirtioNetHdr | bytes | None = None) -> None:
         while not self.try_send(frame, hdr):
             assert self.loop is not None
             fut = self.loop.create_future()
@@ -165,6 +177,32 @@ class VirtioNetDriver:
         if self.tx is not None:
             self.tx.flush_metrics()
 
+    def busy_poll_rx(self, budget_ns: int) -> bool:
+        """Spin on the receive ring for up to ``budget_ns``; deliver what arrived.
+
+        Like Linux's ``SO_BUSY_POLL``: a caller waiting for one reply (ping)
+        watches the used ring itself instead of sleeping until the
+        interrupt's eventfd wakes the event loop, which is the floor of any
+        notification round trip.  Returns True if frames were delivered.
+        """
+        assert self.rx is not None
+        has_used = self.rx.queue.has_used
+        now = time.perf_counter_ns
+        t = now()
+        deadline = t + budget_ns
+        polite = t + _SPIN_ALONE_NS
+        yield_cpu = os.sched_yield
+        while not has_used():
+            t = now()
+            if t >= deadline:
+                return False
+            if t >= polite:
+                # The device we kicked may have been woken on our CPU (wake-affine):
+                # spinning on without yielding would hold its reply back for the whole budget.
+                yield_cpu()
+        self._rx_drain()
+        return True
+
     def _rx_drain(self) -> None:
         assert self.rx is not None
         q = self.rx.queue
@@ -172,6 +210,9 @@ class VirtioNetDriver:
         i = 0
         mrg = self.transport.has(ns.VIRTIO_NET_F_MRG_RXBUF)
         frames = []
+        on_view = self.on_frame_view
+        post = q.post
+        nviews = vbytes = 0
         while i < len(used):
             slot, length = used[i]
             _, view, head = self.rx_bufs[slot]
@@ -179,6 +220,13 @@ class VirtioNetDriver:
             if length < HDR or nbuf < 1:
                 self.rx_errors += 1
                 q.post(head, slot)
+                i += 1
+                continue
+            if nbuf == 1 and on_view is not None:
+                on_view(view[HDR:length])
+                nviews += 1
+                vbytes += length
+                post(head, slot)
                 i += 1
                 continue
             parts = [bytes(view[HDR:length])]
@@ -195,10 +243,14 @@ class VirtioNetDriver:
             self.rx_frames += 1
             self.rx_bytes += len(frame)
             frames.append(frame)
-        if used:
-            self.rx.publish()
+        self.rx_frames += nviews
+        self.rx_bytes += vbytes - nviews * HDR
+        # Frames go up before the refill is published: a refill may cost a kick
+        # (an eventfd write), which has no business in a reply's latency.
         for f in frames:
             self.on_frame(f)
+        if used:
+            self.rx.publish()
 
     # -- control queue ----------------------------------------------------
     def _ctrl_complete(self) -> None:

@@ -92,6 +92,34 @@ def complete_checksum(frame: Buffer, csum_start: int, csum_offset: int) -> bytes
     return bytes(buf)
 
 
+class PartialCsumFrame:
+    """A transmitted frame whose transport checksum is still partial (VIRTIO_NET_HDR_F_NEEDS_CSUM).
+
+    Handed only to peers that say ``accepts_partial_csum``: local endpoints
+    that, like the Linux stack receiving a CHECKSUM_PARTIAL skb from a local
+    guest, trust the guest's data instead of summing every byte.  ``data``
+    may be a view of guest RAM that is only valid during the peer's
+    ``send()`` (the chain is returned to the driver afterwards); a peer
+    that keeps a frame keeps :meth:`completed`, the wire form.
+    """
+
+    __slots__ = ("data", "csum_start", "csum_offset")
+
+    def __init__(self, data: Buffer, csum_start: int, csum_offset: int) -> None:
+        if csum_start < 0 or csum_offset < 0 or csum_start + csum_offset + 2 > len(data):
+            raise OffloadError(f"csum_start {csum_start} + csum_offset {csum_offset} outside a {len(data)}-byte frame")
+        self.data = data
+        self.csum_start = csum_start
+        self.csum_offset = csum_offset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def completed(self) -> bytes:
+        """The frame as it would appear on a wire: checksum filled in."""
+        return complete_checksum(self.data, self.csum_start, self.csum_offset)
+
+
 class _Layout:
     """Where the headers of a super-frame are, derived from its bytes."""
 

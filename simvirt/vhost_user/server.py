@@ -173,7 +173,10 @@ class VhostUserServer:
             except VirtqueueError as e:
                 metrics.count_error(device.vm, device.label, e.reason)
             if vr.queue is queue:
-                queue.enable_notification()
+                if device.passive_wants_kick(vr.index):
+                    queue.enable_notification()
+                else:
+                    queue.disable_notification()
             return
         poll_ns = self.poll_ns
         total = 0

@@ -210,3 +210,26 @@ def test_udp_stream_limits():
         s.write_into(bytearray(99))
     it = iter(s)
     assert len(next(it)) == 100 and s.frames == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=1600), ident=st.integers(0, 0xFFFF), seq=st.integers(0, 0xFFFF),
+       target=st.sampled_from([GATEWAY_IP, DNS_IP]), corrupt=st.sampled_from([None, "icmp", "ip", "code"]))
+def test_fast_echo_path_answers_exactly_like_the_full_path(payload, ident, seq, target, corrupt):
+    """The latency fast path must be invisible: same reply bytes, same drops."""
+    mac = slirp_mac(target)
+    frame = bytearray(P.icmp_echo_frame(GUEST_MAC, mac, GUEST_IP, target, P.ICMP_ECHO_REQUEST, ident, seq, payload))
+    if corrupt == "icmp":
+        frame[-1 if payload else 36] ^= 0x01
+    elif corrupt == "ip":
+        frame[22] ^= 0x10  # TTL: the IP header checksum no longer holds
+    elif corrupt == "code":
+        frame[35] = 1
+    fast, full = Responder(), Responder()
+    got = fast.receive(bytes(frame))
+    want = full._dispatch(bytes(frame))
+    assert got == want
+    if corrupt is None:
+        assert len(got) == 1 and ref_ipv4_ok(got[0][14:]) and fast.counters["icmp_echo_reply"] == 1
+    else:
+        assert got == [] and fast.dropped == full.dropped and sum(fast.dropped.values()) == 1

@@ -19,7 +19,7 @@ from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.memory.guest import GuestAddressError
 from simvirt.net import spec as ns
-from simvirt.net.offload import complete_checksum, segment
+from simvirt.net.offload import PartialCsumFrame, complete_checksum, segment
 from simvirt.net.pcap import PcapWriter
 from simvirt.net.packets import is_broadcast, is_multicast
 from simvirt.virtio.errors import VirtqueueError
@@ -30,10 +30,17 @@ log = logging.getLogger(__name__)
 
 HDR = ns.VIRTIO_NET_HDR_SIZE
 RX_BACKLOG = 1024
+_RX_HDR1 = ns.VirtioNetHdr(num_buffers=1).pack()  # no offload, one buffer (num_buffers is ignored without MRG_RXBUF)
 
 
 class NetPeer(Protocol):
-    """Where transmitted frames go (responder, switch, tap, stream...)."""
+    """Where transmitted frames go (responder, switch, tap, stream...).
+
+    A peer with a true ``accepts_partial_csum`` attribute may be handed
+    :class:`PartialCsumFrame` items (checksum left to the endpoint, as
+    VIRTIO_NET_F_CSUM allows, and the data borrowed from guest RAM for the
+    duration of ``send``); every other peer gets wire-ready ``bytes``.
+    """
 
     accepts_offload: bool
 
@@ -66,6 +73,7 @@ class NetDevice(VirtioDevice):
         self.allmulti = False
         self.mac_table: set[bytes] = set()
         self.active_pairs = 1
+        self._roles: dict[int, tuple[str, int]] = {}
         self.rx_queues: dict[int, Queue] = {}
         self.backlog: collections.deque[bytes] = collections.deque()
         self.stats = NetStats(vm, self.label)
@@ -95,10 +103,22 @@ class NetDevice(VirtioDevice):
         self.promisc = self.allmulti = False
         self.mac_table.clear()
         self.active_pairs = 1
+        self._roles.clear()
         self.rx_queues.clear()
         self.backlog.clear()
 
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self._roles.clear()
+
     def _role(self, index: int) -> tuple[str, int]:
+        # Hot: every kick asks.  Cached per negotiated feature set.
+        role = self._roles.get(index)
+        if role is None:
+            role = self._roles[index] = self._compute_role(index)
+        return role
+
+    def _compute_role(self, index: int) -> tuple[str, int]:
         ctrl = self.has_feature(ns.VIRTIO_NET_F_CTRL_VQ)
         pairs = self.pairs if self.has_feature(ns.VIRTIO_NET_F_MQ) else 1
         try:
@@ -108,6 +128,11 @@ class NetDevice(VirtioDevice):
 
     def passive_ring(self, index: int) -> bool:
         return self._role(index)[0] == "rx"
+
+    def passive_wants_kick(self, index: int) -> bool:
+        # Receive buffers are looked for when a frame arrives; kicks matter only
+        # while frames wait in the backlog (deliver() re-arms them then).
+        return bool(self.backlog)
 
     def queue_started(self, index: int, queue: Queue) -> None:
         role, pair = self._role(index)
@@ -137,6 +162,8 @@ class NetDevice(VirtioDevice):
             self._ctrl(queue, stats)
 
     def _tx(self, queue: Queue, stats: metrics.QueueStats) -> None:
+        if queue._avail[1] == queue.next_avail:  # noqa: SLF001 - nothing new: the common poll result
+            return
         t0 = time.perf_counter()
         heads = queue.pop_heads(256)
         stats.chains += len(heads)
@@ -147,13 +174,14 @@ class NetDevice(VirtioDevice):
         used = []
         table = queue._desc
         qsize = queue.size
+        partial_ok = self.peer is not None and getattr(self.peer, "accepts_partial_csum", False)
         for head in heads:
             used.append((head, 0))
             # Fast path: one readable descriptor holding header + frame (our driver, DPDK).
             w = table[2 * head + 1] if head < qsize else 0
             if head < qsize and not (w >> 32) & 0xFFFF:
                 try:
-                    data = translate(table[2 * head], w & 0xFFFFFFFF).tobytes()
+                    data: bytes | memoryview = translate(table[2 * head], w & 0xFFFFFFFF)
                 except GuestAddressError:
                     self._drop("bad_address")
                     continue
@@ -186,17 +214,13 @@ class NetDevice(VirtioDevice):
                 if len(data) - HDR > max_frame:
                     self._drop("tx_oversize")
                     continue
-                frames.append(data[HDR:])
+                frames.append(bytes(data[HDR:]))  # the one copy out of guest RAM
                 nbytes += len(data) - HDR
                 continue
             hdr = ns.VirtioNetHdr.unpack(data)
             frame = data[HDR:]
             try:
                 if gso != ns.VIRTIO_NET_HDR_GSO_NONE:
-                    if self.peer is not None and self.peer.accepts_offload:
-                        frames.append(data)  # peers that take offload get the header too
-                        nbytes += len(frame)
-                        continue
                     segs = segment(frame, hdr)
                     frames.extend(segs)
                     nbytes += sum(len(x) for x in segs)
@@ -204,26 +228,31 @@ class NetDevice(VirtioDevice):
                 if len(frame) > max_frame:
                     self._drop("tx_oversize")
                     continue
-                frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
+                if partial_ok:
+                    # Borrowed: a view of guest RAM, valid until add_used below.
+                    frame = PartialCsumFrame(frame, hdr.csum_start, hdr.csum_offset)
+                else:
+                    frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
             except ValueError as e:
                 log.debug("tx offload failed: %s", e)
                 self._drop("tx_bad_offload")
                 continue
             frames.append(frame)
             nbytes += len(frame)
-        queue.add_used_many(used)
         self.stats.tx.requests += len(frames)
         self.stats.tx.bytes += nbytes
         if heads:
             self.stats.tx.service.observe((time.perf_counter() - t0) / len(heads), len(heads))
         if frames:
             if self.capture is not None:
-                self.capture.write_many(frames)
+                self.capture.write_many([f.completed() if isinstance(f, PartialCsumFrame) else f for f in frames])
                 self.capture.flush()
             if self.peer is None:
                 self._drop("no_peer", len(frames))
             else:
                 self.peer.send(frames)
+        # Only now: frames handed over as views of guest RAM (PartialCsumFrame) are done with.
+        queue.add_used_many(used)
 
     # -- receive ----------------------------------------------------------
     def accepts(self, frame: bytes) -> bool:
@@ -262,11 +291,33 @@ class NetDevice(VirtioDevice):
         mrg = self.has_feature(ns.VIRTIO_NET_F_MRG_RXBUF)
         translate = queue.mem.translate
         nbytes = 0
+        table = queue._desc  # noqa: SLF001 - the one-descriptor fast path reads it directly
+        avail = queue._avail  # noqa: SLF001
+        mask = queue.size - 1
         try:
             while backlog:
                 frame = backlog[0]
                 if queue.pending() == 0:
                     break
+                # Fast path: the next chain is one device-writable descriptor that holds the
+                # whole frame (what our driver and Linux post): header and frame in one go.
+                head = avail[2 + (queue.next_avail & mask)]
+                need = HDR + len(frame)
+                w = table[2 * head + 1] if head <= mask else 0
+                if (w >> 32) & 0xFFFF == 2 and w & 0xFFFFFFFF >= need:
+                    try:
+                        view = translate(table[2 * head], need)
+                    except GuestAddressError:
+                        view = None
+                    if view is not None:
+                        queue.next_avail = (queue.next_avail + 1) & 0xFFFF
+                        view[:HDR] = _RX_HDR1
+                        view[HDR:] = frame
+                        queue.add_used(head, need)
+                        backlog.popleft()
+                        placed += 1
+                        nbytes += len(frame)
+                        continue
                 if mrg:
                     ok = self._rx_mergeable(queue, frame, translate)
                 else:
@@ -289,6 +340,53 @@ class NetDevice(VirtioDevice):
             queue.enable_notification()
         if queue.next_used != before:
             self.signal(ns.rx_queue_index(pair))
+        return placed
+
+    def deliver_stream(self, stream, limit: int, pair: int = 0) -> int:
+        """Frames from a generator (``UdpStream``) written straight into receive buffers.
+
+        The rx-throughput source: each frame is produced in place in guest
+        RAM (one copy, no intermediate ``bytes``) while the next chain is one
+        device-writable descriptor big enough for it; otherwise the frames
+        take the general :meth:`deliver` path.  Returns frames placed.
+        """
+        queue = self.rx_queues.get(pair)
+        if queue is None or self.backlog or self.capture is not None:
+            return self.deliver(stream.take(limit), pair) if queue is not None else 0
+        size = stream.size
+        need = HDR + size
+        table = queue._desc  # noqa: SLF001
+        avail = queue._avail  # noqa: SLF001
+        mask = queue.size - 1
+        translate = queue.mem.translate
+        advance = stream._advance  # noqa: SLF001 - the next frame, patched in place (see UdpStream)
+        n = min(limit, queue.pending())
+        placed = 0
+        t0 = time.perf_counter()
+        used = []
+        start = queue.next_avail
+        for k in range(n):
+            head = avail[2 + ((start + k) & mask)]
+            w = table[2 * head + 1] if head <= mask else 0
+            if (w >> 32) & 0xFFFF != 2 or w & 0xFFFFFFFF < need:
+                break
+            try:
+                view = translate(table[2 * head], need)
+            except GuestAddressError:
+                break
+            view[:HDR] = _RX_HDR1
+            view[HDR:] = advance()
+            used.append((head, need))
+        placed = len(used)
+        queue.next_avail = (start + placed) & 0xFFFF
+        if used:
+            queue.add_used_many(used)
+            self.stats.rx.requests += placed
+            self.stats.rx.bytes += placed * size
+            self.stats.rx.service.observe((time.perf_counter() - t0) / placed, placed)
+            self.signal(ns.rx_queue_index(pair))
+        if placed < n:
+            placed += self.deliver(stream.take(n - placed), pair)
         return placed
 
     def _writable(self, queue: Queue, head: int, translate) -> Optional[list[memoryview]]:
