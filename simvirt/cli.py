@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ethernet frame bytes (64..65549; above 1514 the device MTU grows to fit)")
     bn.add_argument("--runtime", type=float, default=5.0)
     bn.add_argument("--connect", metavar="SOCKET")
+    bn.add_argument("--rx-buf", type=_size, default=0,
+                    help="guest receive buffer bytes (default: one frame rounded up to 4 KiB; 4096 = Linux's "
+                         "page-sized mergeable buffers)")
     bn.add_argument("--no-pin", action="store_true",
                     help="leave CPU placement to the scheduler (default: driver and device on different CPUs)")
     bn.add_argument("--json", action="store_true")

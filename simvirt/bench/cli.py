@@ -22,7 +22,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "net":
         from simvirt.bench.net import run_net_bench
-        r = asyncio.run(run_net_bench(args.direction, args.frame_size, args.runtime, args.connect, pin=not args.no_pin))
+        r = asyncio.run(run_net_bench(args.direction, args.frame_size, args.runtime, args.connect, pin=not args.no_pin,
+                                      rx_buf=args.rx_buf))
         if args.json:
             print(json.dumps(r))
         else:

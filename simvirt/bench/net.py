@@ -24,7 +24,7 @@ from simvirt.net import spec as ns
 
 
 async def run_net_bench(direction: str, frame_size: int, runtime: float, connect: Optional[str] = None,
-                        pin: bool = True) -> dict:
+                        pin: bool = True, rx_buf: int = 0) -> dict:
     """One direction's frame rate; ``pin`` puts driver and started device on different CPUs."""
     if direction not in ("tx", "rx"):
         raise ValueError("--direction must be tx or rx")
@@ -48,7 +48,7 @@ async def run_net_bench(direction: str, frame_size: int, runtime: float, connect
     mem = GuestMemory.create_shared(ram)
     drv = VirtioNetDriver(VhostUserTransport(sock, mem, PageAllocator(0, ram), device_label="net0"), poll_us=50,
                           tx_buf=max(2048, -(-(frame_size + 12) // 4096) * 4096),
-                          rx_buf=max(4096, -(-(frame_size + 12) // 4096) * 4096))
+                          rx_buf=rx_buf or max(4096, -(-(frame_size + 12) // 4096) * 4096))
     loop = asyncio.get_running_loop()
     try:
         drv.probe(loop)
@@ -109,7 +109,7 @@ async def run_net_bench(direction: str, frame_size: int, runtime: float, connect
             elapsed = time.perf_counter() - t0
             drops = scrape(port, "simvirt_errors_total", device="net") if dev is not None else 0.0
             return _result("rx", frame_size, received - r0, rx_bytes - b0, elapsed, drops,
-                           pinned_cpus=pinned[1] if pinned else None)
+                           pinned_cpus=pinned[1] if pinned else None, rx_buf=drv.rx_buf or 4096)
     finally:
         unpin(pinned)
         drv.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,9 +17,17 @@ def _run(*args: str) -> dict:
 def test_ping_gets_every_reply_and_measures_the_eventfd_floor():
     r = _run("ping", "--count", "50")
     assert r["received"] == 50 and r["lost"] == 0
+    assert r["driver_busy_poll_us"] > 0
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert r["pinned_cpus"] is not None and len(set(r["pinned_cpus"])) == 2
     assert 0 < r["rtt_us"]["p50"] <= r["rtt_us"]["p99"] <= r["rtt_us"]["max"]
     assert 0 < r["eventfd_rtt_us"]["p50"]
     assert r["ratio_p50_to_eventfd_p50"] == round(r["rtt_us"]["p50"] / r["eventfd_rtt_us"]["p50"], 3)
+
+
+def test_interrupt_driven_ping_unpinned_gets_every_reply():
+    r = _run("ping", "--count", "30", "--busy-poll-us", "0", "--device-poll-us", "0", "--no-pin")
+    assert r["received"] == 30 and r["lost"] == 0 and r["pinned_cpus"] is None
 
 
 def test_net_tx_frames_are_counted_by_the_device():
@@ -41,6 +50,12 @@ def test_net_tx_jumbo_frames_grow_the_mtu_and_are_counted():
     assert r["gbps"] > 0.5
 
 
-def test_net_rx_jumbo_frames_span_mergeable_buffers():
+def test_net_rx_jumbo_frames_fill_64k_buffers():
     r = _run("net", "--direction", "rx", "--frame-size", "65549", "--runtime", "1")
-    assert r["frames"] > 100
+    assert r["frames"] > 100 and r["drops"] == 0 and r["rx_buf"] >= 65549 + 12
+
+
+def test_net_rx_jumbo_frames_span_page_sized_mergeable_buffers_without_drops():
+    """17 pages per frame: the device waits for a refill instead of dropping half-placed frames."""
+    r = _run("net", "--direction", "rx", "--frame-size", "65549", "--runtime", "1", "--rx-buf", "4096")
+    assert r["frames"] > 100 and r["drops"] == 0 and r["rx_buf"] == 4096

@@ -386,7 +386,12 @@ class NetDevice(VirtioDevice):
             self.stats.rx.service.observe((time.perf_counter() - t0) / placed, placed)
             self.signal(ns.rx_queue_index(pair))
         if placed < n:
-            placed += self.deliver(stream.take(n - placed), pair)
+            # The next buffer can't take a whole frame (e.g. page-sized mergeable buffers):
+            # hand over only as many frames as the posted buffers can hold.
+            head = avail[2 + (queue.next_avail & mask)]
+            per = (table[2 * head + 1] & 0xFFFFFFFF) if head <= mask else 0
+            frames = max(1, (n - placed) // max(1, -(-need // max(per, 1))))
+            placed += self.deliver(stream.take(frames), pair)
         return placed
 
     def _writable(self, queue: Queue, head: int, translate) -> Optional[list[memoryview]]:
@@ -418,9 +423,17 @@ class NetDevice(VirtioDevice):
         return True
 
     def _rx_mergeable(self, queue: Queue, frame: bytes, translate) -> Optional[bool]:
-        data = ns.VirtioNetHdr(num_buffers=1).pack() + frame
+        data = _RX_HDR1 + frame
         total = len(data)
-        # Count first: a frame only goes in if all the buffers it needs are there.
+        # Look before taking: a frame goes in only once the ring holds all the buffers
+        # it needs, so a refill that arrives in pieces delays it instead of dropping it.
+        pending = queue.pending()  # read once: the driver may refill while we look
+        if self._mergeable_room(queue, total, pending) is None:
+            if pending >= queue.size:
+                # A full ring of buffers cannot hold it: it never will.
+                self._drop("rx_buffer_too_small")
+                return False
+            return None
         used: list[tuple[int, int]] = []
         off = 0
         first_view: Optional[memoryview] = None
@@ -452,6 +465,26 @@ class NetDevice(VirtioDevice):
         first_view[10:12] = len(used).to_bytes(2, "little")
         queue.add_used_many(used)
         return True
+
+    @staticmethod
+    def _mergeable_room(queue: Queue, total: int, pending: int) -> Optional[int]:
+        """How many available chains hold ``total`` bytes, or None if those available don't.
+
+        Peeks at the avail ring without consuming; a malformed chain counts as
+        room (taking it will drop it with a reason, as before).
+        """
+        avail = queue._avail  # noqa: SLF001
+        mask = queue.size - 1
+        start = queue.next_avail
+        have = 0
+        for k in range(pending):
+            try:
+                have += sum(n for _, n, f in queue.walk(avail[2 + ((start + k) & mask)]) if f & 2)
+            except VirtqueueError:
+                return k + 1
+            if have >= total:
+                return k + 1
+        return None
 
     # -- control queue ----------------------------------------------------
     def _ctrl(self, queue: Queue, stats: metrics.QueueStats) -> None:

@@ -230,3 +230,118 @@ def test_backlog_rearms_the_kick_so_a_refill_reaches_the_device():
     assert len(rig.dev.backlog) == 3
     avail_event = struct.unpack("<H", rig.mem.read(rig.rings[0].used_gpa + 4 + 8 * 64, 2))[0]
     assert avail_event == rig.queues[0].next_avail == 2
+
+
+class PartialPeer:
+    """A local endpoint that takes checksum-offloaded frames (like the responder)."""
+
+    accepts_offload = False
+    accepts_partial_csum = True
+
+    def __init__(self, rig: "Rig") -> None:
+        self.rig = rig
+        self.items: list[tuple[str, bytes]] = []
+        self.used_at_send: list[int] = []
+
+    def send(self, frames) -> None:
+        from simvirt.net.offload import PartialCsumFrame
+        # The borrowed views must still be the driver's: nothing returned to it yet.
+        self.used_at_send.append(self.rig.queues[1].next_used)
+        for f in frames:
+            if isinstance(f, PartialCsumFrame):
+                self.items.append(("partial", f.completed()))
+            else:
+                self.items.append(("plain", f))
+
+
+def test_partial_checksum_goes_to_a_local_endpoint_borrowed_and_is_completed_for_the_wire():
+    rig = Rig(bit(ns.VIRTIO_NET_F_CSUM))
+    rig.dev.peer = peer = PartialPeer(rig)
+    frame = pk.udp_frame(GUEST_MAC, GW_MAC, GUEST_IP, GW_IP, 4000, 9, b"y" * 777, checksum="partial")
+    wire = pk.udp_frame(GUEST_MAC, GW_MAC, GUEST_IP, GW_IP, 4000, 9, b"y" * 777)
+    rig.tx(hdr(flags=ns.VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6) + frame)
+    rig.tx(hdr() + wire)
+    assert peer.items == [("partial", wire), ("plain", wire)]
+    assert peer.used_at_send == [0, 1]                  # a chain's used entry comes after the peer is done
+    assert len(rig.rings[1].pop_used()) == 2
+
+
+def test_responder_discards_trusted_partial_frames_and_completes_those_it_answers():
+    from simvirt.devices.net.peers import ResponderPeer
+    from simvirt.net.offload import PartialCsumFrame
+    rig = Rig(bit(ns.VIRTIO_NET_F_CSUM))
+    peer = ResponderPeer(rig.dev, None)
+    r = peer.responder
+    junk = bytearray(pk.udp_frame(GUEST_MAC, GW_MAC, GUEST_IP, GW_IP, 4000, 9, b"d" * 100, checksum="partial"))
+    junk[40:42] = b"\x12\x34"     # partial: the field is the guest's business, not summed
+    for _ in range(3):            # the second and third hit the one-flow memo
+        assert r.receive(PartialCsumFrame(memoryview(bytes(junk)), 34, 6)) == []
+    assert r.counters["udp_discard"] == 3 and r.counters["udp_discard_bytes"] == 300
+    # Same headers, different length: validated again, not matched.
+    longer = pk.udp_frame(GUEST_MAC, GW_MAC, GUEST_IP, GW_IP, 4000, 9, b"d" * 101, checksum="partial")
+    assert r.receive(PartialCsumFrame(longer, 34, 6)) == [] and r.counters["udp_discard_bytes"] == 401
+    # A bad IP header is never trusted.
+    bad = bytearray(junk)
+    bad[22] ^= 1
+    assert r.receive(PartialCsumFrame(bytes(bad), 34, 6)) == [] and r.dropped["ipv4_bad_checksum"] == 1
+    # UDP echo (port 7) gets an answer with a real checksum.
+    echo = pk.udp_frame(GUEST_MAC, GW_MAC, GUEST_IP, GW_IP, 4000, 7, b"hello", checksum="partial")
+    (reply,) = r.receive(PartialCsumFrame(echo, 34, 6))
+    udp = reply[34:]
+    assert udp[8:] == b"hello" and ones_sum(udp, pseudo_header_sum(GW_IP, GUEST_IP, 17, len(udp))) == 0xFFFF
+
+
+@pytest.mark.parametrize("bufsize, mrg, frames", [(2048, False, 12), (4096, True, 12), (512, True, 4)])
+def test_rx_stream_frames_land_in_guest_buffers_byte_exact(bufsize, mrg, frames):
+    """Written in place when a buffer holds a frame; else as many as the posted buffers hold."""
+    from simvirt.net.responder import UdpStream
+    rig = Rig(bit(ns.VIRTIO_NET_F_MRG_RXBUF) if mrg else 0)
+    bufs = [rig.rx_buffer(bufsize) for _ in range(12)]
+    expected = UdpStream(1514, dst_mac=GUEST_MAC).take(frames)
+    assert rig.dev.deliver_stream(UdpStream(1514, dst_mac=GUEST_MAC), 12) == frames
+    used = rig.rings[0].pop_used()
+    got = []
+    i = 0
+    while i < len(used):
+        first = rig.mem.read(bufs[used[i][0]], used[i][1])
+        nb = ns.VirtioNetHdr.unpack(first).num_buffers
+        data = first + b"".join(rig.mem.read(bufs[h], n) for h, n in used[i + 1:i + nb])
+        got.append(data[HDR:])
+        i += nb
+    assert got == expected
+    assert rig.dev.stats.drops == {} and rig.dev.stats.rx.requests == frames
+    assert rig.signals and rig.signals[-1] == 0
+
+
+def test_passive_rx_ring_asks_for_kicks_only_while_frames_wait():
+    rig = Rig()
+    assert not rig.dev.passive_wants_kick(0)
+    frame = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, bytes(100))
+    assert rig.dev.deliver([frame]) == 0
+    assert rig.dev.passive_wants_kick(0)
+    rig.rx_buffer(2048)
+    rig.dev.process_queue(0, rig.queues[0], rig.stats)
+    assert not rig.dev.passive_wants_kick(0)
+
+
+def test_mergeable_frame_waits_for_enough_buffers_instead_of_dropping():
+    rig = Rig(bit(ns.VIRTIO_NET_F_MRG_RXBUF))
+    frame = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, bytes(range(256)) * 12)  # 3 KiB
+    first = rig.rx_buffer(1024)
+    assert rig.dev.deliver([frame]) == 0            # one 1 KiB buffer: too few, nothing taken
+    assert rig.rings[0].pop_used() == [] and rig.dev.stats.drops == {}
+    more = [rig.rx_buffer(1024) for _ in range(3)]
+    rig.dev.process_queue(0, rig.queues[0], rig.stats)   # the refill's kick
+    used = rig.rings[0].pop_used()
+    assert len(used) == 4 and not rig.dev.backlog
+    data = b"".join(rig.mem.read(g, n) for g, (_, n) in zip([first, *more], used))
+    assert ns.VirtioNetHdr.unpack(data).num_buffers == 4 and data[HDR:] == frame
+
+
+def test_frame_larger_than_a_full_ring_of_buffers_is_dropped_not_stuck():
+    rig = Rig(bit(ns.VIRTIO_NET_F_MRG_RXBUF), mtu=9000)
+    for _ in range(64):
+        rig.rx_buffer(64)                            # 64 x 64 B: the ring is full and holds 4 KiB
+    frame = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, bytes(8000))
+    assert rig.dev.deliver([frame]) == 0
+    assert rig.dev.stats.drops["rx_buffer_too_small"] == 1 and not rig.dev.backlog
