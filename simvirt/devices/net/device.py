@@ -36,7 +36,9 @@ _RX_HDR1 = ns.VirtioNetHdr(num_buffers=1).pack()  # no offload, one buffer (num_
 class NetPeer(Protocol):
     """Where transmitted frames go (responder, switch, tap, stream...).
 
-    A peer with a true ``accepts_partial_csum`` attribute may be handed
+    A peer with a true ``borrows_frames`` attribute may be handed views of
+    the sender's guest RAM, valid only during ``send`` (it must copy what it
+    keeps).  A peer with a true ``accepts_partial_csum`` attribute may be handed
     :class:`PartialCsumFrame` items (checksum left to the endpoint, as
     VIRTIO_NET_F_CSUM allows, and the data borrowed from guest RAM for the
     duration of ``send``); every other peer gets wire-ready ``bytes``.
@@ -73,6 +75,7 @@ class NetDevice(VirtioDevice):
         self.allmulti = False
         self.mac_table: set[bytes] = set()
         self.active_pairs = 1
+        self.tx_pair = 0  # the queue pair whose transmit batch is being handled
         self._roles: dict[int, tuple[str, int]] = {}
         self.rx_queues: dict[int, Queue] = {}
         self.backlog: collections.deque[bytes] = collections.deque()
@@ -152,12 +155,18 @@ class NetDevice(VirtioDevice):
     def process_queue(self, index: int, queue: Queue, stats: metrics.QueueStats) -> None:
         role, pair = self._role(index)
         if role == "tx":
-            self._tx(queue, stats)
+            # Replies the peer makes while handling this batch go back on the same pair
+            # (symmetric flow steering, as a Linux guest expects with MQ).
+            self.tx_pair = pair
+            try:
+                self._tx(queue, stats)
+            finally:
+                self.tx_pair = 0
         elif role == "rx":
             # New receive buffers: drain what waited for them.
             self.rx_queues[pair] = queue
             if self.backlog:
-                self.deliver([])
+                self.deliver([], pair)
         elif role == "ctrl":
             self._ctrl(queue, stats)
 
@@ -175,6 +184,7 @@ class NetDevice(VirtioDevice):
         table = queue._desc
         qsize = queue.size
         partial_ok = self.peer is not None and getattr(self.peer, "accepts_partial_csum", False)
+        borrow = self.peer is not None and getattr(self.peer, "borrows_frames", False)
         for head in heads:
             used.append((head, 0))
             # Fast path: one readable descriptor holding header + frame (our driver, DPDK).
@@ -214,7 +224,9 @@ class NetDevice(VirtioDevice):
                 if len(data) - HDR > max_frame:
                     self._drop("tx_oversize")
                     continue
-                frames.append(bytes(data[HDR:]))  # the one copy out of guest RAM
+                # Borrowing peers (the switch) get a view of the sender's RAM and write it
+                # straight into the receiver's; the others get the one copy out of guest RAM.
+                frames.append(data[HDR:] if borrow and type(data) is memoryview else bytes(data[HDR:]))
                 nbytes += len(data) - HDR
                 continue
             hdr = ns.VirtioNetHdr.unpack(data)
@@ -259,7 +271,7 @@ class NetDevice(VirtioDevice):
         """The receive filter (CTRL_RX / MAC table semantics)."""
         if self.promisc:
             return True
-        dst = frame[:6]
+        dst = bytes(frame[:6])
         if dst == self.mac or is_broadcast(dst):
             return True
         if is_multicast(dst):
@@ -272,10 +284,15 @@ class NetDevice(VirtioDevice):
             self.capture.write_many(frames)
             self.capture.flush()
         queue = self.rx_queues.get(pair)
+        if queue is None and pair:
+            queue = self.rx_queues.get(0)  # that pair is not running: any receive queue will do
+            pair = 0
         backlog = self.backlog
+        borrowed = False
         for f in frames:
             if self.accepts(f):
                 backlog.append(f)
+                borrowed = borrowed or type(f) is memoryview
             else:
                 self._drop("rx_filtered")
         if len(backlog) > RX_BACKLOG:
@@ -284,6 +301,7 @@ class NetDevice(VirtioDevice):
                 backlog.popleft()
             self._drop("rx_no_buffer", n)
         if queue is None or not backlog:
+            self._own_backlog(borrowed)
             return 0
         placed = 0
         t0 = time.perf_counter()
@@ -334,6 +352,7 @@ class NetDevice(VirtioDevice):
         self.stats.rx.bytes += nbytes
         if placed:
             self.stats.rx.service.observe((time.perf_counter() - t0) / placed, placed)
+        self._own_backlog(borrowed)
         if backlog:
             # Frames are waiting for buffers: make sure the driver's next refill kicks us
             # (with EVENT_IDX it only kicks past avail_event, which must follow what we took).
@@ -393,6 +412,14 @@ class NetDevice(VirtioDevice):
             frames = max(1, (n - placed) // max(1, -(-need // max(per, 1))))
             placed += self.deliver(stream.take(frames), pair)
         return placed
+
+    def _own_backlog(self, borrowed: bool) -> None:
+        """Frames lent by the sender (views of its RAM) that must wait get copied now:
+        the sender's buffer goes back to its driver when the transmit batch ends."""
+        if borrowed and self.backlog:
+            owned = [bytes(f) if type(f) is memoryview else f for f in self.backlog]
+            self.backlog.clear()
+            self.backlog.extend(owned)
 
     def _writable(self, queue: Queue, head: int, translate) -> Optional[list[memoryview]]:
         try:

@@ -36,7 +36,7 @@ class ResponderPeer:
         for f in frames:
             out += receive(f)
         if out:
-            self.device.deliver(out)
+            self.device.deliver(out, self.device.tx_pair)
 
     def start_stream(self, frame_size: int, port: int = 5001) -> None:
         """Stream UDP frames into the guest as fast as it posts buffers (rx throughput)."""

@@ -3,7 +3,7 @@
 Every port is a full virtio-net device with its own vhost-user socket and its
 own guest's RAM mapped into this one process, so a frame goes from the
 sender's transmit buffers to the receiver's receive buffers inside one
-process (read once from the sender's RAM, written once into each receiver's).
+process: one copy, straight from the sender's RAM into each receiver's.
 The first ``simvirt device net --backend switch:NAME`` starts the switch;
 later ones with the same NAME hand their socket to it over the switch's
 control socket and exit.
@@ -36,9 +36,16 @@ def control_path(name: str) -> str:
 
 
 class SwitchPort:
-    """The peer of one port's device: hands transmitted frames to the switch."""
+    """The peer of one port's device: hands transmitted frames to the switch.
+
+    Frames arrive as views of the sender's RAM (``borrows_frames``) and each
+    receiving port's device writes them straight into its guest's receive
+    buffers: one copy per receiver.  A frame that has to wait for buffers is
+    copied into that port's backlog before the sender gets its buffer back.
+    """
 
     accepts_offload = False
+    borrows_frames = True
 
     def __init__(self, hub: "SwitchHub", port: int) -> None:
         self.hub = hub

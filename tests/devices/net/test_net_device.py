@@ -345,3 +345,67 @@ def test_frame_larger_than_a_full_ring_of_buffers_is_dropped_not_stuck():
     frame = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, bytes(8000))
     assert rig.dev.deliver([frame]) == 0
     assert rig.dev.stats.drops["rx_buffer_too_small"] == 1 and not rig.dev.backlog
+
+
+def test_borrowing_peer_gets_views_of_sender_ram_and_a_receiver_keeps_a_copy_only_when_it_must_wait():
+    """The switch path: one copy from the sender's RAM into the receiver's buffers."""
+    sender, receiver = Rig(), Rig()
+    got: list = []
+
+    class Lender:
+        accepts_offload = False
+        borrows_frames = True
+
+        def send(self, frames):
+            got.extend(type(f) for f in frames)
+            receiver.dev.deliver(frames)
+
+    sender.dev.peer = Lender()
+    receiver.dev.promisc = True
+    buf = receiver.rx_buffer(2048)
+    first = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, b"A" * 300)
+    second = pk.udp_frame(GW_MAC, GUEST_MAC, GW_IP, GUEST_IP, 9, 5001, b"B" * 300)
+    gpa = sender.buf(hdr() + first)
+    sender.post(1, [(gpa, HDR + len(first), R)])
+    sender.dev.process_queue(1, sender.queues[1], sender.stats)
+    assert got == [memoryview]
+    assert receiver.mem.read(buf + HDR, len(first)) == first
+    # No receive buffer now: the frame waits, as a copy of its own.
+    sender.mem.write(gpa, hdr() + second)
+    sender.post(1, [(gpa, HDR + len(second), R)])
+    sender.dev.process_queue(1, sender.queues[1], sender.stats)
+    assert [type(f) for f in receiver.dev.backlog] == [bytes]
+    sender.mem.write(gpa, bytes(HDR + len(second)))  # the sender reuses its buffer
+    buf2 = receiver.rx_buffer(2048)
+    receiver.dev.process_queue(0, receiver.queues[0], receiver.stats)
+    assert receiver.mem.read(buf2 + HDR, len(second)) == second
+
+
+def test_multiqueue_reply_comes_back_on_the_pair_the_request_went_out_on():
+    from simvirt.devices.net.peers import ResponderPeer
+    rig = Rig(bit(ns.VIRTIO_NET_F_MQ) | bit(ns.VIRTIO_NET_F_MRG_RXBUF))
+    dev = NetDevice(mac=GUEST_MAC, queue_pairs=2)
+    dev.mem = rig.mem
+    signals: list[int] = []
+    dev.signal = signals.append
+    dev.set_features(bit(VIRTIO_F_VERSION_1) | bit(ns.VIRTIO_NET_F_CTRL_VQ) | bit(ns.VIRTIO_NET_F_MQ))
+    dev.peer = ResponderPeer(dev, None)
+    rings = [RawRing(rig.mem, rig.alloc, 64) for _ in range(5)]   # rx0 tx0 rx1 tx1 ctrl
+    queues = [r.device_queue() for r in rings]
+    for i in (0, 2):
+        dev.queue_started(i, queues[i])
+    bufs = {}
+    for i in (0, 2):
+        gpa = rig.alloc.alloc(2048)
+        rings[i].push(rings[i].chain([(gpa, 2048, W)], first=0))
+        bufs[i] = gpa
+    req = hdr() + arp_request()
+    src = rig.alloc.alloc(len(req))
+    rig.mem.write(src, req)
+    rings[3].push(rings[3].chain([(src, len(req), R)], first=0))
+    dev.process_queue(3, queues[3], QueueStats("t", "net", "q"))
+    assert rings[0].pop_used() == []
+    (head, n), = rings[2].pop_used()
+    reply = rig.mem.read(bufs[2] + HDR, n - HDR)
+    assert reply[12:14] == b"\x08\x06" and reply[:6] == GUEST_MAC
+    assert signals == [2]
