@@ -61,6 +61,7 @@ class VirtioNetDriver:
         self.tx_free: list[int] = []
         self.rx_frames = self.tx_frames = self.rx_bytes = self.tx_bytes = 0
         self.rx_errors = 0
+        self._mrg = False
         self._tx_waiters: list[asyncio.Future] = []
         self._ctrl_fut: Optional[asyncio.Future] = None
 
@@ -85,7 +86,7 @@ class VirtioNetDriver:
         self.tx = t.setup_queue(1, self.queue_size)
         if t.has(ns.VIRTIO_NET_F_CTRL_VQ):
             self.ctrl = t.setup_queue(2, 64)
-        mrg = t.has(ns.VIRTIO_NET_F_MRG_RXBUF)
+        mrg = self._mrg = t.has(ns.VIRTIO_NET_F_MRG_RXBUF)
         rx_size = max(2048, HDR + self.mtu + 18) if not mrg else (self.rx_buf or PAGE)
         q = self.rx.queue
         for slot in range(self.queue_size):
@@ -208,7 +209,7 @@ class VirtioNetDriver:
         q = self.rx.queue
         used = q.pop_used()
         i = 0
-        mrg = self.transport.has(ns.VIRTIO_NET_F_MRG_RXBUF)
+        mrg = self._mrg
         frames = []
         on_view = self.on_frame_view
         post = q.post

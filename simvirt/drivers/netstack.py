@@ -118,7 +118,8 @@ class GuestStack:
         self._pings[key] = fut
         frame = pk.icmp_echo_frame(self.drv.mac, mac, self.ip, ip, ICMP_ECHO_REQUEST, self._ident, seq & 0xFFFF, payload)
         t0 = time.perf_counter_ns()
-        await self.drv.send(frame)
+        if not self.drv.try_send(frame):
+            await self.drv.send(frame)
         if busy_poll_us > 0:
             budget = int(busy_poll_us * 1000)
             deadline = t0 + budget

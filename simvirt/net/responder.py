@@ -297,41 +297,41 @@ class Responder:
         """The latency case, checked by offsets: an untagged IPv4 (no options, not a
         fragment) ICMP echo request to one of our addresses with valid checksums.
 
-        The reply is the request with addresses swapped, a fresh IP id and our
-        TTL, patched in a copy of the request rather than rebuilt field by
-        field.  Anything else returns None and takes
-        the full path, which gives the same answer or a drop reason.
+        The reply is assembled from slices of the request (addresses swapped,
+        a fresh IP id, our TTL); its ICMP checksum is the sum of what follows
+        the checksum field, since type, code and checksum are zero in it.
+        Anything else returns None and takes the full path, which gives the
+        same answer or a drop reason.
         """
-        if (len(frame) < _ICMP + 8 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45 or frame[23] != IPPROTO_ICMP
-                or frame[20] & 0x3F or frame[21] or frame[_ICMP] != ICMP_ECHO_REQUEST or frame[_ICMP + 1]):
+        if type(frame) is not bytes:
+            frame = bytes(frame)
+        if (frame[12:15] != b"\x08\x00\x45" or len(frame) < _ICMP + 8 or frame[23] != IPPROTO_ICMP
+                or frame[_ICMP] != ICMP_ECHO_REQUEST or frame[_ICMP + 1] or frame[20] & 0x3F or frame[21]):
             return None
-        dst_ip = bytes(frame[30:34])
+        dst_ip = frame[30:34]
         mac = self.hosts.get(dst_ip)
+        if mac is None or frame[6] & 1:
+            return None
         eth_dst = frame[0:6]
-        if mac is None or (eth_dst != mac and not is_broadcast(eth_dst)) or frame[6] & 1:
+        if eth_dst != mac and eth_dst != _BROADCAST:
             return None
         total = (frame[16] << 8) | frame[17]
         end = _IP + total
         if total < IPV4_HLEN + 8 or end > len(frame):
             return None
-        if ones_sum(frame[_IP:_UDP]) != 0xFFFF or ones_sum(frame[_ICMP:end]) != 0xFFFF:
+        icmp = frame[_ICMP:end]
+        if ones_sum(frame[_IP:_ICMP]) != 0xFFFF or ones_sum(icmp) != 0xFFFF:
             return None
-        src_ip = bytes(frame[26:30])
-        eth_src = bytes(frame[6:12])
+        src_ip = frame[26:30]
+        eth_src = frame[6:12]
         if src_ip == self.guest_ip:
             self.guest_mac = eth_src
-        out = bytearray(frame[:end])
-        out[0:6] = eth_src
-        out[6:12] = mac
-        ident = self._next_id()
-        hdr = _ECHO_IP_HDR.pack(0x45, 0, total, ident, 0x4000, self.ttl, IPPROTO_ICMP, 0) + dst_ip + src_ip
-        out[_IP:_UDP] = hdr
-        out[_IP_CSUM:_IP_CSUM + 2] = (~fold(ones_sum(hdr)) & 0xFFFF).to_bytes(2, "big")
-        out[_ICMP] = ICMP_ECHO_REPLY
-        out[_ICMP + 2:_ICMP + 4] = b"\0\0"
-        out[_ICMP + 2:_ICMP + 4] = (~ones_sum(memoryview(out)[_ICMP:end]) & 0xFFFF).to_bytes(2, "big")
+        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        iph = _ECHO_IP_HDR.pack(0x45, 0, total, ident, 0x4000, self.ttl, IPPROTO_ICMP, 0) + dst_ip + src_ip
+        rest = icmp[4:]
         self.counters["icmp_echo_reply"] += 1
-        return bytes(out)
+        return b"".join((eth_src, mac, b"\x08\x00", iph[:10], (~ones_sum(iph) & 0xFFFF).to_bytes(2, "big"), iph[12:],
+                         b"\x00\x00", (~ones_sum(rest) & 0xFFFF).to_bytes(2, "big"), rest))
 
     def _udp(self, seg: memoryview, src: bytes, dst: bytes, eth_src: bytes, mac: bytes) -> list[bytes]:
         try:
@@ -366,6 +366,7 @@ _UDP = _IP + IPV4_HLEN
 _UDP_CSUM = _UDP + 6
 _ICMP = _UDP  # ICMP also starts right after an option-less IPv4 header
 _ECHO_IP_HDR = struct.Struct("!BBHHHBBH")
+_BROADCAST = b"\xff" * 6
 _SEQ = _UDP + UDP_HLEN
 _ID_TO_CSUM = struct.Struct("!HHBBH")
 _CSUM_SEQ = struct.Struct("!HQ")
