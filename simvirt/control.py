@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, Union
 
 import msgpack
 
+from simvirt.runtime import bind_unix
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict], Union[dict, Awaitable[dict]]]
@@ -25,10 +27,7 @@ class ControlError(Exception):
 
 
 async def serve_control(path: str, handler: Handler) -> asyncio.AbstractServer:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """Serve msgpack requests on a unix socket only our user can connect to."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_REQUEST)
@@ -62,7 +61,7 @@ async def serve_control(path: str, handler: Handler) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    return await asyncio.start_unix_server(client, path=path)
+    return await asyncio.start_unix_server(client, sock=bind_unix(path, backlog=16))
 
 
 async def _dispatch(handler: Handler, req: Any) -> dict:

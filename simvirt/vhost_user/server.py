@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 from simvirt import metrics
+from simvirt.runtime import bind_unix
 from simvirt.devices.base import VirtioDevice
 from simvirt.vhost_user import protocol as p
 from simvirt.vhost_user.backend import BackendSession, Vring
@@ -44,13 +45,7 @@ class VhostUserServer:
 
     # -- listening --------------------------------------------------------
     def listen(self) -> None:
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.socket_path)
-        s.listen(1)
+        s = bind_unix(self.socket_path)  # owner-only: see simvirt/runtime.py
         s.setblocking(False)
         self.listener = s
 

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import tempfile
 import time
 from typing import Optional
 
@@ -25,14 +24,15 @@ from simvirt.net.pcap import PcapWriter
 from simvirt.devices.runner import install_uvloop
 from simvirt.net.packets import parse_mac
 from simvirt.net.switch import L2Switch
+from simvirt.runtime import runtime_dir
 from simvirt.vhost_user.server import VhostUserServer
 
 log = logging.getLogger(__name__)
 
 
 def control_path(name: str) -> str:
-    base = os.environ.get("SIMVIRT_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(base, f"simvirt-switch-{name}.ctl")
+    """The switch's control socket, in the private runtime directory (simvirt/runtime.py)."""
+    return os.path.join(runtime_dir(), f"switch-{name}.ctl")
 
 
 class SwitchPort:

@@ -32,7 +32,7 @@ def test_two_simvirt_guests_ping_each_other_and_a_late_port_joins(tmp_path):
                            "--socket", a, "--socket", b], env=env)
     try:
         _wait(b, sw)
-        ctl = str(tmp_path / "simvirt-switch-lan0.ctl")
+        ctl = str(tmp_path / "switch-lan0.ctl")
         _wait(ctl, sw)
         # A later `simvirt device net --backend switch:lan0` hands its socket to the running switch.
         out = subprocess.run([sys.executable, "-m", "simvirt", "device", "net", "--backend", "switch:lan0",
@@ -70,4 +70,4 @@ def test_two_simvirt_guests_ping_each_other_and_a_late_port_joins(tmp_path):
     finally:
         sw.terminate()
         sw.wait(10)
-    assert not os.path.exists(str(tmp_path / "simvirt-switch-lan0.ctl"))
+    assert not os.path.exists(str(tmp_path / "switch-lan0.ctl"))
