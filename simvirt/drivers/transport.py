@@ -89,7 +89,8 @@ class DriverQueueHandle:
 
 class VhostUserTransport:
     def __init__(self, socket_path: str, mem: GuestMemory, alloc: PageAllocator,
-                 *, vm: str = "sim", device_label: str = "dev", connect_timeout: float = 10.0) -> None:
+                 *, vm: str = "sim", device_label: str = "dev", connect_timeout: float = 10.0,
+                 inflight: bool = False) -> None:
         self.socket_path = socket_path
         self.mem = mem
         self.alloc = alloc
@@ -106,6 +107,11 @@ class VhostUserTransport:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._backend_req: Optional[socket.socket] = None
         self._backend_buf = b""
+        self._config_cb: Optional[Callable[[], None]] = None
+        # INFLIGHT_SHMFD: ask for it, and keep the area (fd, size, offset, queues, size) across backends.
+        self.want_inflight = inflight
+        self.inflight_area: Optional[tuple[int, int, int, int, int]] = None
+        self.reconnects = 0
 
     # -- handshake --------------------------------------------------------
     def _set_status(self, bits: int) -> None:
@@ -118,7 +124,8 @@ class VhostUserTransport:
         self.device_features = self.fe.get_features()
         if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             offered = self.fe.get_protocol_features()
-            self.protocol_features = offered & WANTED_PROTOCOL_FEATURES
+            wanted = WANTED_PROTOCOL_FEATURES | (bit(ProtocolFeature.INFLIGHT_SHMFD) if self.want_inflight else 0)
+            self.protocol_features = offered & wanted
             self.fe.set_protocol_features(self.protocol_features)
         if self.protocol_features & bit(ProtocolFeature.MQ):
             self.max_queues = self.fe.get_queue_num()
@@ -177,8 +184,23 @@ class VhostUserTransport:
         self.queues[index] = h
         return h
 
+    def _setup_inflight(self) -> None:
+        """GET_INFLIGHT_FD once, SET_INFLIGHT_FD to every backend (QEMU's order: before the kicks)."""
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD) or not self.queues:
+            return
+        if self.inflight_area is None:
+            sizes = {h.queue.size for h in self.queues.values()}
+            if len(sizes) != 1:
+                raise DeviceError(f"inflight tracking needs one queue size, rings have {sorted(sizes)}")
+            nq, qs = max(self.queues) + 1, sizes.pop()
+            fd, size, offset = self.fe.get_inflight_fd(nq, qs)
+            self.inflight_area = (fd, size, offset, nq, qs)
+        fd, size, offset, nq, qs = self.inflight_area
+        self.fe.set_inflight_fd(fd, size, offset, nq, qs)
+
     def driver_ok(self) -> None:
         """Start the rings (kick fds) and enable them: the device may now use them."""
+        self._setup_inflight()
         for index, h in self.queues.items():
             self.fe.set_vring_kick(index, h.kick_fd)
         if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
@@ -200,11 +222,71 @@ class VhostUserTransport:
 
         loop.add_reader(h.call_fd, on_call)
 
+    def reconnect(self, retry_for: Optional[float] = None) -> None:
+        """Drive a restarted backend on the same socket from where the old one left off.
+
+        What QEMU's vhost-user-blk does on reconnect: connect, renegotiate the
+        same features, send the memory table and the kept inflight area, and
+        restart every ring at the used index found in guest RAM (a dead backend
+        cannot answer GET_VRING_BASE); a backend with the inflight area resubmits
+        what the old one had taken and not finished.  Rings, buffers, requests
+        in flight and the call/kick eventfds all stay: only the backend changed.
+        """
+        old_features = self.features
+        if self._backend_req is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._backend_req.fileno())
+            self._backend_req.close()
+            self._backend_req = None
+        self.fe.close()
+        self.fe = VhostUserFrontend(self.socket_path)
+        saved_timeout = self.connect_timeout
+        if retry_for is not None:
+            self.connect_timeout = retry_for
+        try:
+            self.start()
+        finally:
+            self.connect_timeout = saved_timeout
+        missing = old_features & ~self.device_features
+        if missing:
+            self._set_status(DeviceStatus.FAILED)
+            raise DeviceError(f"the restarted backend lacks negotiated features {missing:#x}")
+        acked = old_features
+        if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            acked |= bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        self.fe.set_features(acked)
+        self._set_status(DeviceStatus.FEATURES_OK)
+        self.fe.set_mem_table(self.mem)
+        if self.inflight_area is not None and not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            log.warning("%s: the restarted backend has no INFLIGHT_SHMFD: requests in flight restart from used idx",
+                        self.label)
+        fe = self.fe
+        for index, h in self.queues.items():
+            q = h.queue
+            fe.set_vring_num(index, q.size)
+            fe.set_vring_base(index, q.device_used_idx())
+            fe.set_vring_addr(index, self.mem.gpa_to_user(q.desc_gpa), self.mem.gpa_to_user(q.used_gpa),
+                              self.mem.gpa_to_user(q.avail_gpa))
+            fe.set_vring_call(index, h.call_fd)
+        if self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD) and self.inflight_area is not None:
+            fd, size, offset, nq, qs = self.inflight_area
+            fe.set_inflight_fd(fd, size, offset, nq, qs)
+        for index, h in self.queues.items():
+            fe.set_vring_kick(index, h.kick_fd)
+        if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for index in self.queues:
+                fe.set_vring_enable(index, True)
+        self._set_status(DeviceStatus.DRIVER_OK)
+        if self._loop is not None and self._config_cb is not None:
+            self.watch_config_changes(self._loop, self._config_cb)
+        self.reconnects += 1
+
     def watch_config_changes(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
         """Call ``callback`` on each BACKEND_CONFIG_CHANGE_MSG (the config interrupt).
 
         Returns False if the backend offers no back-end request channel.
         """
+        self._config_cb = callback
         sock = self._backend_req
         if sock is None:
             return False
@@ -254,4 +336,7 @@ class VhostUserTransport:
             self._backend_req = None
         self.fe.close()
         self.status = 0
+        if self.inflight_area is not None:
+            os.close(self.inflight_area[0])
+            self.inflight_area = None
         return bases

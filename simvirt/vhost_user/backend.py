@@ -14,6 +14,7 @@ while it is started and enabled.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -21,6 +22,7 @@ from typing import Optional, Protocol
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.memory.guest import GuestAddressError, GuestMemory
+from simvirt.vhost_user import inflight
 from simvirt.vhost_user import protocol as p
 from simvirt.vhost_user.protocol import Message, ProtocolError, ProtocolFeature, Request
 from simvirt.virtio.queue import Queue
@@ -39,8 +41,10 @@ DEFAULT_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | (1 << ProtocolFeature.BACKEND_REQ)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 MAX_MEM_SLOTS = 8
+MAX_INFLIGHT_AREA = 64 << 20
 
 
 class SessionHooks(Protocol):
@@ -89,6 +93,10 @@ class BackendSession:
         self.mem = GuestMemory()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.backend_req_fd = -1
+        # The inflight area (INFLIGHT_SHMFD): mapped from the frontend's fd, kept across rings' restarts.
+        self.inflight_map: Optional[mmap.mmap] = None
+        self.inflight_queue_size = 0
+        self.inflight_num_queues = 0
         device.mem = self.mem  # type: ignore[attr-defined]
         device.config_changed = self.notify_config_change
 
@@ -144,7 +152,9 @@ class BackendSession:
                 raise
             raise ProtocolError(f"{msg.name}: {e}") from e
         if reply is not None:
-            return [p.reply_to(msg, reply)]
+            r = p.reply_to(msg, reply)
+            r.fds = getattr(msg, "reply_fds", [])
+            return [r]
         if msg.need_reply and self.has_protocol(ProtocolFeature.REPLY_ACK):
             return [p.reply_to(msg, p.encode_u64(0))]
         return []
@@ -413,6 +423,7 @@ class BackendSession:
             return
         if vr.queue is None:
             vr.queue = self._build_queue(vr, vr.base, None)
+            self._attach_inflight(vr, vr.queue)
             if vr.stats is None:
                 vr.stats = metrics.QueueStats(self.device.vm, self.device.label, str(vr.index))
         if vr.enabled and vr.kick_fd >= 0:
@@ -427,6 +438,82 @@ class BackendSession:
             vr.queue.release()
             vr.queue = None
         vr.started = False
+
+    # -- inflight I/O tracking (INFLIGHT_SHMFD) -------------------------------
+    def _on_get_inflight_fd(self, msg: Message) -> bytes:
+        _, _, num_queues, queue_size = inflight.decode_payload(msg.payload)
+        if not 1 <= num_queues <= len(self.vrings) or queue_size == 0 or queue_size > 32768 \
+                or queue_size & (queue_size - 1):
+            raise ProtocolError(f"GET_INFLIGHT_FD for {num_queues} queue(s) of {queue_size}")
+        size = inflight.area_size(num_queues, queue_size)
+        fd = os.memfd_create("simvirt-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            area = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        view = memoryview(area)
+        for i in range(num_queues):
+            q = inflight.InflightQueue(inflight.queue_view(view, i, queue_size), queue_size)  # type: ignore[arg-type]
+            q.reset()
+            q.release()
+        view.release()
+        self._set_inflight(area, num_queues, queue_size)
+        msg.reply_fds = [fd]  # type: ignore[attr-defined]
+        return inflight.encode_payload(size, 0, num_queues, queue_size)
+
+    def _on_set_inflight_fd(self, msg: Message) -> None:
+        mmap_size, mmap_offset, num_queues, queue_size = inflight.decode_payload(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_INFLIGHT_FD carried {len(msg.fds)} fds, expected 1")
+        if not 1 <= num_queues <= len(self.vrings) or queue_size == 0 or queue_size > 32768:
+            raise ProtocolError(f"SET_INFLIGHT_FD for {num_queues} queue(s) of {queue_size}")
+        need = inflight.area_size(num_queues, queue_size)
+        if mmap_size < need or mmap_size > MAX_INFLIGHT_AREA or mmap_offset % mmap.PAGESIZE:
+            raise ProtocolError(f"SET_INFLIGHT_FD area of {mmap_size} bytes at {mmap_offset} (need {need})")
+        area = mmap.mmap(msg.fds[0], mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=mmap_offset)
+        self._set_inflight(area, num_queues, queue_size)
+        return None
+
+    def _set_inflight(self, area: mmap.mmap, num_queues: int, queue_size: int) -> None:
+        self._drop_inflight()
+        self.inflight_map = area
+        self.inflight_num_queues = num_queues
+        self.inflight_queue_size = queue_size
+
+    def _drop_inflight(self) -> None:
+        if self.inflight_map is not None:
+            for vr in self.vrings:
+                if vr.queue is not None and vr.queue.inflight is not None:
+                    vr.queue.inflight.release()
+                    vr.queue.inflight = None
+            try:
+                self.inflight_map.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes with the process
+            self.inflight_map = None
+
+    def _attach_inflight(self, vr: Vring, queue: Queue) -> None:
+        """Give a starting ring its inflight region; resubmit what a dead backend left."""
+        if self.inflight_map is None or vr.index >= self.inflight_num_queues or vr.num != self.inflight_queue_size:
+            return
+        view = inflight.queue_view(memoryview(self.inflight_map), vr.index, vr.num)
+        if view is None:
+            return
+        iq = inflight.InflightQueue(view, vr.num)
+        if not iq.initialised():
+            iq.reset()
+        pending = iq.recover(queue.next_used)
+        queue.inflight = iq
+        if pending:
+            # libvhost-user's rule: everything before used_idx + inflight was taken.
+            queue.next_avail = (queue.next_used + len(pending)) & 0xFFFF
+            queue.resubmit = list(pending)
+            log.info("%s: queue %d: resubmitting %d inflight request(s) from the previous backend",
+                     self.device.label, vr.index, len(pending))
+            metrics.count_error(self.device.vm, self.device.label, "inflight_resubmitted", len(pending))
 
     def _on_get_config(self, msg: Message) -> bytes:
         offset, size, flags, _ = p.decode_config(msg.payload)
@@ -455,6 +542,7 @@ class BackendSession:
 
     def close(self) -> None:
         self.reset()
+        self._drop_inflight()
         if self.backend_req_fd >= 0:
             _close(self.backend_req_fd)
             self.backend_req_fd = -1

@@ -14,6 +14,7 @@ import time
 from typing import Optional
 
 from simvirt.memory.guest import GuestMemory
+from simvirt.vhost_user import inflight
 from simvirt.vhost_user import protocol as p
 from simvirt.vhost_user.protocol import Message, ProtocolFeature, Request
 from simvirt.vhost_user.transport import recv_message, send_message
@@ -29,6 +30,7 @@ class VhostUserFrontend:
         self.timeout = timeout
         self.sock: Optional[socket.socket] = None
         self.protocol_features = 0
+        self.last_reply_fds: list[int] = []
 
     def connect(self, retry_for: float = 0.0) -> None:
         deadline = time.monotonic() + retry_for
@@ -55,7 +57,7 @@ class VhostUserFrontend:
         return bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
 
     def request(self, req: Request, payload: bytes = b"", fds: Optional[list[int]] = None,
-                want_reply: bool = False) -> Optional[bytes]:
+                want_reply: bool = False, keep_fds: bool = False) -> Optional[bytes]:
         if self.sock is None:
             raise BackendError("not connected")
         flags = p.VHOST_USER_VERSION
@@ -66,8 +68,11 @@ class VhostUserFrontend:
         if not (want_reply or ack):
             return None
         reply = recv_message(self.sock)
-        for fd in reply.fds:
-            os.close(fd)
+        self.last_reply_fds = reply.fds
+        if not keep_fds:
+            for fd in reply.fds:
+                os.close(fd)
+            self.last_reply_fds = []
         if reply.request != req or not reply.is_reply:
             raise BackendError(f"expected reply to {req.name}, got {reply.name} flags={reply.flags:#x}")
         if ack:
@@ -153,6 +158,23 @@ class VhostUserFrontend:
 
     def set_backend_req_fd(self, fd: int) -> None:
         self.request(Request.SET_BACKEND_REQ_FD, b"", [fd])
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        """Ask the backend for its inflight area: (fd, mmap_size, mmap_offset); the fd is ours."""
+        payload = self.request(Request.GET_INFLIGHT_FD, inflight.encode_payload(0, 0, num_queues, queue_size),
+                               want_reply=True, keep_fds=True)
+        fds, self.last_reply_fds = self.last_reply_fds, []
+        assert payload is not None
+        size, offset, _, _ = inflight.decode_payload(payload)
+        if len(fds) != 1 or size == 0:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(f"GET_INFLIGHT_FD answered {len(fds)} fd(s) for an area of {size} bytes")
+        return fds[0], size, offset
+
+    def set_inflight_fd(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> None:
+        self.request(Request.SET_INFLIGHT_FD, inflight.encode_payload(mmap_size, mmap_offset, num_queues, queue_size),
+                     [fd])
 
     def reset_device(self) -> None:
         self.request(Request.RESET_DEVICE)

@@ -212,7 +212,7 @@ VRING_STATE = struct.Struct("=II")
 VRING_ADDR = struct.Struct("=IIQQQQ")  # index, flags, desc, used, avail, log
 MEM_REGION = struct.Struct("=QQQQ")  # guest_addr, size, user_addr, mmap_offset
 CONFIG_HDR = struct.Struct("=III")  # offset, size, flags
-INFLIGHT = struct.Struct("=QQHH")  # mmap_size, mmap_offset, num_queues, queue_size
+INFLIGHT = struct.Struct("=QQHH4x")  # mmap_size, mmap_offset, num_queues, queue_size (24 bytes, as QEMU checks)
 
 
 class VringState(NamedTuple):

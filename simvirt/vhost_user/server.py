@@ -123,10 +123,14 @@ class VhostUserServer:
             return
         for r in replies:
             try:
-                send_message(self.conn, r)
+                send_message(self.conn, r, r.fds)
             except OSError as e:
                 self._drop(f"send failed: {e}")
                 return
+            finally:
+                for fd in r.fds:  # sent (the frontend has its own copy) or failed: ours to close
+                    os.close(fd)
+                r.fds = []
 
     # -- SessionHooks -----------------------------------------------------
     def watch_kick(self, index: int, fd: int) -> None:

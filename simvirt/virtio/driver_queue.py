@@ -189,6 +189,10 @@ class DriverQueue:
         return not self._used_hdr[0] & VIRTQ_USED_F_NO_NOTIFY
 
     # -- completion -------------------------------------------------------
+    def device_used_idx(self) -> int:
+        """The used index the device last published (where a restarted device resumes)."""
+        return self._used_hdr[1]
+
     def has_used(self) -> bool:
         return self._used_hdr[1] != self.last_used
 

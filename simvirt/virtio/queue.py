@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
 
 from simvirt.memory.guest import GuestAddressError, GuestMemory
 from simvirt.virtio.errors import (
@@ -36,6 +36,9 @@ from simvirt.virtio.spec import (
     VIRTQ_USED_F_NO_NOTIFY,
     vring_need_event,
 )
+
+if TYPE_CHECKING:
+    from simvirt.vhost_user.inflight import InflightQueue
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("simvirt's ring code assumes a little-endian host")
@@ -125,6 +128,10 @@ class Queue:
         self.next_used = next_used & 0xFFFF
         self._signalled_used = self.next_used
         self._signalled_valid = False
+        # Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), when the transport set it up:
+        # heads taken are recorded until used, so a restarted backend can resubmit them.
+        self.inflight: Optional[InflightQueue] = None
+        self.resubmit: list[int] = []  # heads a dead backend left inflight, served first
 
     # -- avail side -------------------------------------------------------
     def avail_idx(self) -> int:
@@ -139,6 +146,8 @@ class Queue:
 
     def pop_chains(self, limit: int | None = None) -> list[DescriptorChain]:
         """Take every available chain (up to ``limit``) in one go: one kick, one batch."""
+        if self.resubmit or self.inflight is not None:
+            return [DescriptorChain(self, h) for h in self.pop_heads(limit or 0)]
         n = self.pending()
         if limit is not None and n > limit:
             n = limit
@@ -151,6 +160,20 @@ class Queue:
 
     def pop_heads(self, limit: int = 0) -> list[int]:
         """Like :meth:`pop_chains` but returns bare head indices (the hot path)."""
+        if self.resubmit:
+            return self._take_resubmit(limit)
+        if self.inflight is not None:
+            heads = self._pop_heads(limit)
+            self.inflight.get_many(heads)
+            return heads
+        return self._pop_heads(limit)
+
+    def _take_resubmit(self, limit: int) -> list[int]:
+        n = len(self.resubmit) if not limit else min(limit, len(self.resubmit))
+        heads, self.resubmit = self.resubmit[:n], self.resubmit[n:]
+        return heads
+
+    def _pop_heads(self, limit: int) -> list[int]:
         n = self.pending()
         if limit and n > limit:
             n = limit
@@ -258,14 +281,28 @@ class Queue:
     # -- used side --------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
         """Return a chain to the driver; the used idx store publishes it."""
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.pre_put(head)
         slot = (self.next_used & (self.size - 1)) * 2
         self._used_ring[slot] = head
         self._used_ring[slot + 1] = length
         self.next_used = (self.next_used + 1) & 0xFFFF
         self._used_hdr[1] = self.next_used
+        if inflight is not None:
+            inflight.post_put((head,), self.next_used)
 
     def add_used_many(self, entries: list[tuple[int, int]]) -> None:
-        """Return several chains with a single used idx store."""
+        """Return several chains with a single used idx store.
+
+        With inflight tracking each entry is published on its own (libvhost-user's
+        order: name it, write it, publish, clear), so a crash anywhere leaves a
+        state recovery can read without doubt.
+        """
+        if self.inflight is not None:
+            for head, length in entries:
+                self.add_used(head, length)
+            return
         ring = self._used_ring
         mask = self.size - 1
         idx = self.next_used
