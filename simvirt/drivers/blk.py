@@ -152,6 +152,14 @@ class VirtioBlkDriver:
     def close(self) -> None:
         self.transport.stop()
 
+    def reconnect(self, retry_for: float = 10.0) -> None:
+        """The device process was replaced: drive the new one from where the old one stopped.
+
+        Requests in flight stay in flight: with INFLIGHT_SHMFD the new backend
+        resubmits the ones the old one had taken, and the rest were never taken.
+        """
+        self.transport.reconnect(retry_for)
+
     @property
     def readonly(self) -> bool:
         return self.transport.has(s.VIRTIO_BLK_F_RO)
