@@ -34,6 +34,18 @@ def _pattern(block: int, gen: int) -> bytes:
     return (head * (BLOCK // len(head) + 1))[:BLOCK]
 
 
+async def _scrape_resubmitted(port: int) -> int:
+    """The new device's count of resubmitted requests (its scrape port may lag its socket)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return int(scrape(port, "simvirt_errors_total", reason="inflight_resubmitted"))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 def test_blk_device_killed_repeatedly_loses_and_duplicates_nothing(tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
@@ -121,7 +133,7 @@ def test_blk_device_killed_repeatedly_loses_and_duplicates_nothing(tmp_path):
             while completions < before + WRITERS and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert completions >= before + WRITERS, "writes stalled after the restart"
-            resubmitted += int(scrape(port, "simvirt_errors_total", reason="inflight_resubmitted"))
+            resubmitted += await _scrape_resubmitted(port)
         kill_thread.join(10)
         area.close()
         stop = True
