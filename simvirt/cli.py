@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--control", help="machine control socket (simvirt ctl PATH balloon SIZE | balloon-stats | info)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-restart", action="store_true",
+                     help="let a device process that dies stay dead (default: restart it and reconnect its driver)")
     return ap
 
 

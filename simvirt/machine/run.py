@@ -58,6 +58,12 @@ class Machine:
         self.metric_targets: dict[str, str] = {}
         self.mem: Optional[GuestMemory] = None
         self.alloc: Optional[PageAllocator] = None
+        # How each device process was started (kind, args, socket, log), to start it again.
+        self.specs: dict[str, tuple[str, list[str], str, str]] = {}
+        self.restarts: dict[str, int] = {}
+        self.restart_log: list[dict] = []
+        self.balloon_target: Optional[int] = None
+        self.stopping = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg
@@ -70,9 +76,10 @@ class Machine:
             if isinstance(dev, BalloonDeviceConfig):
                 self.balloon_ctl = os.path.join(self.workdir, f"{dev.name}.ctl")
                 extra = ["--control", self.balloon_ctl]
-            self.procs[dev.name] = DeviceProcess(
-                dev.type, dev.device_args() + extra + ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)],
-                socket_path=sock, log_path=os.path.join(self.workdir, f"{dev.name}.log"))
+            args = dev.device_args() + extra + ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)]
+            log_path = os.path.join(self.workdir, f"{dev.name}.log")
+            self.specs[dev.name] = (dev.type, args, sock, log_path)
+            self.procs[dev.name] = DeviceProcess(dev.type, args, socket_path=sock, log_path=log_path)
             self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
         for dev in cfg.devices:
             sock = self.procs[dev.name].wait_ready()
@@ -93,12 +100,70 @@ class Machine:
                 self.console.log(f"{dev.name}: virtio-balloon pid={self.procs[dev.name].proc.pid} "
                                  f"features={bal.transport.features:#x}")
                 continue
-            drv = VirtioBlkDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
+            # Inflight tracking, as QEMU's vhost-user-blk does: a restarted device resubmits what the dead one took.
+            drv = VirtioBlkDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name,
+                                                     inflight=True),
                                   num_queues=dev.num_queues)
             drv.probe(loop)
             self.drivers[dev.name] = drv
             self.console.log(f"{dev.name}: virtio-blk {format_size(drv.capacity_bytes)} serial={dev.serial or dev.name} "
                              f"queues={len(drv.queues)} ({dev.backend}) pid={self.procs[dev.name].proc.pid}")
+
+    def transport_of(self, name: str) -> Optional[VhostUserTransport]:
+        if name in self.drivers:
+            return self.drivers[name].transport
+        if name in self.nets:
+            return self.nets[name].drv.transport
+        if self.balloon is not None and self.balloon.transport.label == name:
+            return self.balloon.transport
+        return None
+
+    async def supervise(self, interval: float = 0.05) -> None:
+        """Restart device processes that die, and reconnect their drivers.
+
+        What QEMU does with ``-chardev socket,reconnect=N`` and a supervisor
+        restarting the backend: the guest keeps its rings, buffers and
+        requests; the new process is renegotiated, gets the same inflight
+        area (blk) and resubmits what the dead one had taken.
+        """
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            for name, proc in list(self.procs.items()):
+                rc = proc.proc.poll()
+                if rc is None or self.stopping:
+                    continue
+                await self._restart(name, rc)
+
+    async def _restart(self, name: str, rc: int) -> None:
+        kind, args, sock, log_path = self.specs[name]
+        old_pid = self.procs[name].proc.pid
+        why = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        self.console.log(f"[yellow]{name}: device process {old_pid} died ({why}); restarting[/]")
+        t0 = time.monotonic()
+        self.procs[name].stop()
+        try:
+            os.unlink(sock)  # the dead process's socket file: wait for the new one's
+        except FileNotFoundError:
+            pass
+        proc = DeviceProcess(kind, args, socket_path=sock, log_path=log_path)
+        self.procs[name] = proc
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            if proc.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: the restarted device process did not come up (see {log_path})")
+            await asyncio.sleep(0.02)
+        transport = self.transport_of(name)
+        if transport is not None:
+            transport.reconnect(retry_for=5.0)
+        if self.balloon is not None and self.balloon.transport is transport and self.balloon_target is not None \
+                and self.balloon_ctl:
+            # The balloon's target lived in the dead process: give the new one the host's last word.
+            await arequest(self.balloon_ctl, {"cmd": "balloon", "size": self.balloon_target})
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        took = time.monotonic() - t0
+        self.restart_log.append({"device": name, "old_pid": old_pid, "new_pid": proc.proc.pid, "cause": why,
+                                 "seconds": round(took, 3)})
+        self.console.log(f"{name}: restarted as pid {proc.proc.pid}, driver reconnected in {took * 1000:.0f} ms")
 
     async def control(self, req: dict) -> dict:
         """The machine's control socket: balloon commands go to the balloon device."""
@@ -116,6 +181,8 @@ class Machine:
             reply = await arequest(self.balloon_ctl, req)
             if not reply.get("ok"):
                 raise ControlError(reply.get("error", "balloon device refused"))
+            if cmd == "balloon":
+                self.balloon_target = req.get("size")
             reply.pop("ok", None)
             return reply
         raise ControlError(f"unknown command {cmd!r} (info, balloon SIZE, balloon-stats)")
@@ -129,6 +196,7 @@ class Machine:
             self.balloon = None
 
     def stop(self) -> None:
+        self.stopping = True
         for stack in self.nets.values():
             try:
                 stack.drv.close()
@@ -202,13 +270,15 @@ async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Consol
     for step in wl.steps:
         await asyncio.sleep(max(0.0, t0 + step.at - time.monotonic()))
         reply = await arequest(m.balloon_ctl, {"cmd": "balloon", "size": step.size})
+        if reply.get("ok"):
+            m.balloon_target = step.size
         console.log(f"{wl.device}: guest memory -> {format_size(step.size)} ({'ok' if reply.get('ok') else reply.get('error')})")
         log.append({"at": step.at, "size": step.size, "ok": bool(reply.get("ok"))})
     return log
 
 
 async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console,
-                      control: Optional[str] = None, metrics_addr: str = "127.0.0.1") -> dict:
+                      control: Optional[str] = None, metrics_addr: str = "127.0.0.1", restart: bool = True) -> dict:
     loop = asyncio.get_running_loop()
     m = Machine(cfg, console)
     port = metrics_port if metrics_port is not None else cfg.metrics_port
@@ -216,8 +286,11 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    supervisor = None
     try:
         m.start(loop)
+        if restart:
+            supervisor = asyncio.ensure_future(m.supervise())
         if port is not None:
             bound = metrics.serve(port, metrics_addr, registry=machine_registry(metrics.REGISTRY, m.metric_targets))
             console.log(f"metrics for the whole machine on http://{metrics_addr}:{bound}/metrics")
@@ -302,8 +375,12 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 "devices": [{"name": d.name, "type": d.type, "backend": getattr(d, "backend", None),
                              "size": getattr(d, "size", None), "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
                 "workloads": results, "net": net_results, "balloon": balloon_info,
+                "restarts": m.restart_log,
                 "ok": ok and all(not n.get("error") and not n.get("lost") for n in net_results)}
     finally:
+        m.stopping = True
+        if supervisor is not None:
+            supervisor.cancel()
         await m.aclose()
         m.stop()
 
@@ -330,6 +407,9 @@ def _summary(console: Console, r: dict) -> None:
         console.print(f"balloon: target {b['target_pages']} pages, actual {b['actual_pages']} pages; guest RAM "
                       f"{format_size(b['ram_bytes'])}, host-resident {b['resident_bytes'] / 2**20:.1f} MiB; "
                       f"guest reports free {b.get('stats', {}).get('free_memory', 0) / 2**20:.1f} MiB")
+    for rs in r.get("restarts") or []:
+        console.print(f"restart: {rs['device']} pid {rs['old_pid']} ({rs['cause']}) -> pid {rs['new_pid']}, "
+                      f"reconnected in {rs['seconds'] * 1000:.0f} ms")
     console.print("[bold green]OK[/]" if r["ok"] else "[bold red]FAILED[/]")
 
 
@@ -343,7 +423,8 @@ def run_machine_command(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     result = asyncio.run(run_machine(cfg, metrics_port=args.metrics_port,
                                      progress=not args.no_progress and console.is_terminal, console=console,
-                                     control=args.control, metrics_addr=args.metrics_addr))
+                                     control=args.control, metrics_addr=args.metrics_addr,
+                                     restart=not args.no_restart))
     if args.json:
         print(json.dumps(result))
     else:
