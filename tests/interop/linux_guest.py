@@ -273,6 +273,8 @@ def _run_qemu(cmd: list[str], deadline: float, boot_timeout: float) -> tuple[byt
     started = time.monotonic()
     chunks: list[bytes] = []
     seen_init = False
+    tail = b""
+    marker = INIT_MARKER.encode()
     timed_out = stuck = False
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
@@ -292,8 +294,10 @@ def _run_qemu(cmd: list[str], deadline: float, boot_timeout: float) -> tuple[byt
                 if not data:
                     break
                 chunks.append(data)
-                if not seen_init and INIT_MARKER.encode() in b"".join(chunks[-2:]):
-                    seen_init = True
+                if not seen_init:
+                    # Serial output arrives a few bytes at a time: look in a rolling tail.
+                    tail = (tail + data)[-4096:]
+                    seen_init = marker in tail
     if timed_out or stuck:
         proc.kill()
     proc.wait()

@@ -354,3 +354,60 @@ grep -- '-req\.' /proc/interrupts | sed 's/^/INTR /'
     be.stop()
     assert guest_value(res, "A", ctx) == sha256_at(img, 4 * MiB, 4 * MiB), ctx
     assert guest_value(res, "B", ctx) == sha256_at(img, 16 * MiB, 4 * MiB), ctx
+
+
+def test_guest_survives_a_sigkilled_backend_with_reconnect_and_inflight(workdir, start_backend):
+    """QEMU's `-chardev socket,reconnect=1`: the device process is SIGKILLed while the guest
+    writes; a new one takes the socket, QEMU reconnects and hands it the inflight area,
+    and the guest's writes complete without an I/O error; the image holds what it wrote."""
+    import threading
+    from simvirt.bench.procs import free_port
+    from simvirt.metrics import scrape
+
+    img = workdir / "rc.img"
+    make_image(img, 32 * MiB)
+    port = free_port()
+    be = start_backend(img, "--metrics-port", str(port))
+    script = PRELUDE + r"""
+dd if=/dev/urandom of=/tmp/pat bs=1M count=8 2>/dev/null || fail urandom
+for pass in 1 2 3 4 5 6 7 8; do
+    dd if=/tmp/pat of=/dev/vda bs=64K seek=16 oflag=direct 2>/dev/null || fail "write pass $pass"
+done
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=64K skip=16 count=128 iflag=direct 2>/dev/null || fail readback
+check_eq readback "$(sha /tmp/back)" "$(sha /tmp/pat)"
+echo "PATTERN $(sha /tmp/pat)"
+"""
+    args = ["-chardev", f"socket,id=c0,path={be.socket},reconnect=1",
+            "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", run_guest(script, args, timeout=240)))
+    t.start()
+    # Wait until the guest is writing, then kill the device process mid-stream.
+    deadline = time.monotonic() + 120
+    writes = 0.0
+    while time.monotonic() < deadline and t.is_alive():
+        try:
+            writes = scrape(port, "simvirt_requests_total", op="write")
+        except OSError:
+            writes = 0.0
+        if writes >= 64:
+            break
+        time.sleep(0.05)
+    assert writes >= 64, "the guest never started writing"
+    be.proc.send_signal(signal.SIGKILL)
+    be.proc.wait()
+    time.sleep(0.5)
+    # The new process takes the same socket (QEMU reconnects to the path it knows).
+    be2 = Backend(be.socket, ["--image", str(img), "--serial", SERIAL], be.log_path.with_suffix(".2.log"))
+    be2.wait_ready()
+    try:
+        t.join(240)
+    finally:
+        be2.stop()
+    res = box["res"]
+    ctx = f"{res.describe()}\n{be.describe()}\n{be2.describe()}"
+    assert res.rc == 0, ctx
+    assert guest_value(res, "PATTERN", ctx) == sha256_at(img, 16 * 64 * 1024, 8 * MiB), ctx
+    # QEMU handed the new process the inflight area (the second backend's log shows the trace).
+    assert "SET_INFLIGHT_FD" in be2.log(), ctx
