@@ -181,12 +181,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-restart", action="store_true",
                      help="let a device process that dies stay dead (default: restart it and reconnect its driver)")
+    sk = sub.add_parser("soak", help="run a mixed machine for a long time; check RSS/fds stay flat and errors zero")
+    sk.add_argument("--minutes", type=float, default=10.0)
+    sk.add_argument("--config", help="machine TOML (default: the embedded demo machine)")
+    sk.add_argument("--kill-every", type=float, default=0.0, metavar="SECONDS",
+                    help="SIGKILL a random device process about this often (it is restarted); 0 = never")
+    sk.add_argument("--rss-slack", type=float, default=0.10, help="allowed relative RSS growth after warm-up")
+    sk.add_argument("--json", action="store_true")
     return ap
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+
+
+def _soak_command(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from rich.console import Console
+
+    from simvirt.devices.runner import install_uvloop
+    from simvirt.soak import soak
+
+    if args.minutes <= 0:
+        raise ValueError("--minutes must be positive")
+    install_uvloop()
+    console = Console(stderr=True)
+    r = asyncio.run(soak(args.minutes, config=args.config, kill_every=args.kill_every, rss_slack=args.rss_slack,
+                         console=console))
+    if args.json:
+        print(json.dumps(r))
+    else:
+        for pr in r["processes"]:
+            if pr.get("judged"):
+                console.print(f"{pr['process']} (pid {pr['pid']}): RSS {pr['rss_start'] >> 20} -> {pr['rss_end'] >> 20} MiB "
+                              f"(max {pr['rss_max'] >> 20}), fds {pr['fds_start']} -> {pr['fds_end']} "
+                              f"{'ok' if pr['ok'] else 'GROWING'}")
+        console.print(f"{len(r['kills'])} kills, {len(r['restarts'])} restarts, errors {r['errors']}, "
+                      f"verified {r['verified']}: {'OK' if r['ok'] else 'FAILED'}")
+    return 0 if r["ok"] else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -205,6 +240,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "top":
             from simvirt.top import run_top
             return run_top(args)
+        if args.command == "soak":
+            return _soak_command(args)
         if args.command == "run":
             from simvirt.machine.run import run_machine_command
             return run_machine_command(args)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from simvirt.bench.procs import DeviceProcess
-from simvirt.bench.stats import percentiles_us
+from simvirt.bench.stats import LatencyHistogram, percentiles_us
 from simvirt.devices.blk import spec as s
 from simvirt.drivers.blk import VirtioBlkDriver
 from simvirt.drivers.transport import VhostUserTransport
@@ -114,7 +114,7 @@ class BlkWorkload:
         self.verify = o.verify
         self.rng = random.Random(o.seed)
         self._random = self.rng.random
-        self.lat: list[int] = []
+        self.lat = LatencyHistogram()  # fixed memory however long the run
         self.ios = 0
         self.bytes = 0
         self.errors = 0

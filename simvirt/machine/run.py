@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from rich.console import Console
 from rich.live import Live
@@ -278,7 +278,8 @@ async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Consol
 
 
 async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progress: bool, console: Console,
-                      control: Optional[str] = None, metrics_addr: str = "127.0.0.1", restart: bool = True) -> dict:
+                      control: Optional[str] = None, metrics_addr: str = "127.0.0.1", restart: bool = True,
+                      on_start: Optional[Callable[[Machine], None]] = None) -> dict:
     loop = asyncio.get_running_loop()
     m = Machine(cfg, console)
     port = metrics_port if metrics_port is not None else cfg.metrics_port
@@ -291,6 +292,8 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
         m.start(loop)
         if restart:
             supervisor = asyncio.ensure_future(m.supervise())
+        if on_start is not None:
+            on_start(m)
         if port is not None:
             bound = metrics.serve(port, metrics_addr, registry=machine_registry(metrics.REGISTRY, m.metric_targets))
             console.log(f"metrics for the whole machine on http://{metrics_addr}:{bound}/metrics")
