@@ -80,6 +80,16 @@ class VirtioDevice:
         """True for rings whose buffers the device consumes on its own schedule (net rx)."""
         return False
 
+    def recover_inflight(self, index: int, queue: Queue, heads: list[int]) -> list[int]:
+        """A restarted device found ``heads`` taken by its dead predecessor and not used.
+
+        Returns the heads to serve again (the default: all of them, in order,
+        which is right for storage: a write is idempotent and was never
+        acknowledged).  Devices whose requests have effects that cannot be
+        repeated complete them here instead.
+        """
+        return heads
+
     def passive_wants_kick(self, index: int) -> bool:
         """Should the driver kick a passive ring when it adds buffers?
 

@@ -189,10 +189,8 @@ class VhostUserTransport:
         if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD) or not self.queues:
             return
         if self.inflight_area is None:
-            sizes = {h.queue.size for h in self.queues.values()}
-            if len(sizes) != 1:
-                raise DeviceError(f"inflight tracking needs one queue size, rings have {sorted(sizes)}")
-            nq, qs = max(self.queues) + 1, sizes.pop()
+            # One region per queue, sized for the largest ring (QEMU: its queue-size property).
+            nq, qs = max(self.queues) + 1, max(h.queue.size for h in self.queues.values())
             fd, size, offset = self.fe.get_inflight_fd(nq, qs)
             self.inflight_area = (fd, size, offset, nq, qs)
         fd, size, offset, nq, qs = self.inflight_area

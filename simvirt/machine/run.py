@@ -84,7 +84,9 @@ class Machine:
         for dev in cfg.devices:
             sock = self.procs[dev.name].wait_ready()
             if isinstance(dev, NetDeviceConfig):
-                ndrv = VirtioNetDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
+                # Inflight tracking here makes a device restart at-most-once for frames (no duplicates).
+                ndrv = VirtioNetDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name,
+                                                          inflight=True),
                                        poll_us=20.0)
                 ndrv.probe(loop)
                 self.nets[dev.name] = GuestStack(ndrv, dev.ip)

@@ -497,9 +497,9 @@ class BackendSession:
 
     def _attach_inflight(self, vr: Vring, queue: Queue) -> None:
         """Give a starting ring its inflight region; resubmit what a dead backend left."""
-        if self.inflight_map is None or vr.index >= self.inflight_num_queues or vr.num != self.inflight_queue_size:
+        if self.inflight_map is None or vr.index >= self.inflight_num_queues or vr.num > self.inflight_queue_size:
             return
-        view = inflight.queue_view(memoryview(self.inflight_map), vr.index, vr.num)
+        view = inflight.queue_view(memoryview(self.inflight_map), vr.index, self.inflight_queue_size)
         if view is None:
             return
         iq = inflight.InflightQueue(view, vr.num)
@@ -510,10 +510,12 @@ class BackendSession:
         if pending:
             # libvhost-user's rule: everything before used_idx + inflight was taken.
             queue.next_avail = (queue.next_used + len(pending)) & 0xFFFF
-            queue.resubmit = list(pending)
-            log.info("%s: queue %d: resubmitting %d inflight request(s) from the previous backend",
-                     self.device.label, vr.index, len(pending))
-            metrics.count_error(self.device.vm, self.device.label, "inflight_resubmitted", len(pending))
+            again = self.device.recover_inflight(vr.index, queue, list(pending))
+            queue.resubmit = again
+            log.info("%s: queue %d: %d request(s) the previous backend took and never finished; resubmitting %d",
+                     self.device.label, vr.index, len(pending), len(again))
+            if again:
+                metrics.count_error(self.device.vm, self.device.label, "inflight_resubmitted", len(again))
 
     def _on_get_config(self, msg: Message) -> bytes:
         offset, size, flags, _ = p.decode_config(msg.payload)

@@ -165,3 +165,64 @@ def test_without_inflight_area_a_restart_resumes_at_the_base_it_is_given():
         assert env.s.vrings[0].queue.inflight is None
     finally:
         env.close()
+
+
+class _Capture:
+    accepts_offload = False
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send(self, frames) -> None:
+        self.frames.extend(bytes(f) for f in frames)
+
+
+def _net_session(env: Env) -> _Capture:
+    from simvirt.devices.net.device import NetDevice
+    from simvirt.vhost_user.backend import BackendSession
+    from test_backend import Hooks
+    env.dev = NetDevice(mac=bytes.fromhex("525400aabbcc"), label=env.label + "-net")
+    env.s = BackendSession(env.dev, Hooks())
+    env.ok(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(p.ProtocolFeature.REPLY_ACK) | bit(p.ProtocolFeature.MQ)
+                                                       | bit(p.ProtocolFeature.INFLIGHT_SHMFD)))
+    peer = _Capture()
+    env.dev.peer = peer
+    return peer
+
+
+def test_net_restart_is_at_most_once_frames_taken_by_the_dead_device_are_dropped_not_resent():
+    from simvirt.net import packets as pk
+    from simvirt.net import spec as ns
+    env = Env(num_queues=1)
+    _net_session(env)
+    try:
+        fd, size = _get_inflight(env, 2, 16)
+        env.ok(Request.SET_FEATURES, p.encode_u64(FEATURES))
+        env.set_mem_table()
+        env.ok(Request.SET_INFLIGHT_FD, inf.encode_payload(size, 0, 2, 16), [os.dup(fd)])
+        dq, _, _ = env.setup_ring(1, size=16)        # transmitq 0
+        env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(1, 1))
+        frames = [pk.udp_frame(bytes(6), b"\xff" * 6, bytes(4), bytes(4), 1, 9, bytes([i]) * 50) for i in range(5)]
+        for i, f in enumerate(frames):
+            buf = env.alloc.alloc(4096)
+            env.mem.write(buf, ns.VirtioNetHdr().pack() + f)
+            dq.add([(buf, 12 + len(f))], [], token=i)
+        dq.publish()
+        q = env.s.vrings[1].queue
+        taken = q.pop_heads(3)          # the device took three (it may have sent them) and died
+        assert len(taken) == 3
+        peer = _net_session(env)        # a new process
+        env.ok(Request.SET_FEATURES, p.encode_u64(FEATURES))
+        env.set_mem_table()
+        env.ok(Request.SET_INFLIGHT_FD, inf.encode_payload(size, 0, 2, 16), [os.dup(fd)])
+        _restart_ring(env, dq, index=1)
+        vr = env.s.vrings[1]
+        assert vr.queue.resubmit == [] and vr.queue.next_avail == 3
+        assert sorted(t for t, n in dq.pop_used()) == [0, 1, 2]           # returned, empty
+        assert env.dev.stats.drops["tx_lost_in_restart"] == 3
+        env.dev.process_queue(1, vr.queue, vr.stats)
+        assert peer.frames == frames[3:]                                   # the rest, once
+        assert sorted(t for t, _ in dq.pop_used()) == [3, 4]
+        os.close(fd)
+    finally:
+        env.close()

@@ -132,6 +132,18 @@ class NetDevice(VirtioDevice):
     def passive_ring(self, index: int) -> bool:
         return self._role(index)[0] == "rx"
 
+    def recover_inflight(self, index: int, queue: Queue, heads: list[int]) -> list[int]:
+        """At most once: a frame the dead process took may already be on the wire (transmit)
+        or half written (receive), so each such chain goes back empty and counts as a drop
+        instead of being sent or filled twice."""
+        role, _ = self._role(index)
+        for h in heads:
+            queue.add_used(h, 0)
+        if heads:
+            self._drop(f"{role}_lost_in_restart", len(heads))
+            self.signal(index)
+        return []
+
     def passive_wants_kick(self, index: int) -> bool:
         # Receive buffers are looked for when a frame arrives; kicks matter only
         # while frames wait in the backlog (deliver() re-arms them then).
