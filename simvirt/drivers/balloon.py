@@ -66,6 +66,7 @@ class VirtioBalloonDriver:
         self.stats_buf = 0
         self.stats_sent = 0
         self._changed = asyncio.Event()
+        self._hold = False
         self._tasks: list[asyncio.Task] = []
         self._reported = bytearray()  # per 2 MiB block: 1 if reported and untouched since
         self.reported_pages = 0
@@ -149,6 +150,21 @@ class VirtioBalloonDriver:
         bq.h.publish()
         return fut
 
+    def reconnect(self, retry_for: float = 5.0) -> None:
+        """The device process was replaced: reconnect and tell it where the balloon stands.
+
+        ``actual`` lived in the dead process's config space; the pages it
+        counts are still out of the guest (and out of the host's segment).
+        """
+        self._hold = True  # the new device's target is 0 until the host sets it again: don't follow that
+        self.transport.reconnect(retry_for)
+        self._write_actual()
+
+    def resume(self) -> None:
+        """Follow the device's target again (after :meth:`reconnect` and the host's new target)."""
+        self._hold = False
+        self._changed.set()
+
     # -- target following -------------------------------------------------
     def _read_target(self) -> int:
         return int.from_bytes(self.transport.read_config(0, 4), "little")
@@ -158,6 +174,9 @@ class VirtioBalloonDriver:
 
     async def _follow(self) -> None:
         while True:
+            if self._hold:
+                await self._wait_change(1.0)
+                continue
             self.target = self._read_target()
             if self.actual < self.target:
                 done = await self.inflate(self.target - self.actual)

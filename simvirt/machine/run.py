@@ -134,7 +134,12 @@ class Machine:
                 rc = proc.proc.poll()
                 if rc is None or self.stopping:
                     continue
-                await self._restart(name, rc)
+                try:
+                    await self._restart(name, rc)
+                except (OSError, RuntimeError, ValueError) as e:
+                    # Tried once; the next round tries again if the new process died too.
+                    self.console.log(f"[red]{name}: restart failed: {e}[/]")
+                    await asyncio.sleep(1.0)
 
     async def _restart(self, name: str, rc: int) -> None:
         kind, args, sock, log_path = self.specs[name]
@@ -143,10 +148,12 @@ class Machine:
         self.console.log(f"[yellow]{name}: device process {old_pid} died ({why}); restarting[/]")
         t0 = time.monotonic()
         self.procs[name].stop()
-        try:
-            os.unlink(sock)  # the dead process's socket file: wait for the new one's
-        except FileNotFoundError:
-            pass
+        stale = [sock] + ([self.balloon_ctl] if self.balloon_ctl and "--control" in args else [])
+        for path in stale:  # the dead process's socket files: wait for the new one's
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         proc = DeviceProcess(kind, args, socket_path=sock, log_path=log_path)
         self.procs[name] = proc
         deadline = time.monotonic() + 20
@@ -155,12 +162,21 @@ class Machine:
                 raise RuntimeError(f"{name}: the restarted device process did not come up (see {log_path})")
             await asyncio.sleep(0.02)
         transport = self.transport_of(name)
-        if transport is not None:
+        if self.balloon is not None and transport is self.balloon.transport:
+            # The target lived in the dead process. The driver holds still (a new device says 0)
+            # until the host's last word reaches the new one, then follows it.
+            self.balloon.reconnect()
+            try:
+                if self.balloon_target is not None and self.balloon_ctl:
+                    while not os.path.exists(self.balloon_ctl):
+                        await asyncio.sleep(0.02)
+                    reply = await arequest(self.balloon_ctl, {"cmd": "balloon", "size": self.balloon_target})
+                    if not reply.get("ok"):
+                        self.console.log(f"[red]{name}: could not restore the balloon target: {reply.get('error')}[/]")
+            finally:
+                self.balloon.resume()
+        elif transport is not None:
             transport.reconnect(retry_for=5.0)
-        if self.balloon is not None and self.balloon.transport is transport and self.balloon_target is not None \
-                and self.balloon_ctl:
-            # The balloon's target lived in the dead process: give the new one the host's last word.
-            await arequest(self.balloon_ctl, {"cmd": "balloon", "size": self.balloon_target})
         self.restarts[name] = self.restarts.get(name, 0) + 1
         took = time.monotonic() - t0
         self.restart_log.append({"device": name, "old_pid": old_pid, "new_pid": proc.proc.pid, "cause": why,
@@ -175,7 +191,10 @@ class Machine:
                          "devices": {name: p.proc.pid for name, p in self.procs.items()},
                          "guest_free_bytes": self.alloc.free_pages * 4096 if self.alloc else None}
             if self.balloon_ctl:
-                out["balloon"] = await arequest(self.balloon_ctl, {"cmd": "info"})
+                try:
+                    out["balloon"] = await arequest(self.balloon_ctl, {"cmd": "info"})
+                except OSError as e:  # the balloon process is down (being restarted)
+                    out["balloon"] = {"ok": False, "error": f"balloon device unreachable: {e}"}
             return out
         if cmd in ("balloon", "balloon-stats"):
             if not self.balloon_ctl:
@@ -340,9 +359,9 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 run.stop_at = 0
             await asyncio.gather(*tasks)
         if not runs and (scripts or net_jobs) and not stop.is_set():
+            # No disk workload sets the pace: the machine runs for its duration (or until stopped).
             done_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([*scripts, *(j for _, j in net_jobs), done_wait], timeout=cfg.duration + 1,
-                               return_when=asyncio.ALL_COMPLETED if not scripts else asyncio.FIRST_COMPLETED)
+            await asyncio.wait([done_wait], timeout=max(0.0, cfg.duration - (time.monotonic() - t0)))
             done_wait.cancel()
         net_results = []
         for wl, job in net_jobs:

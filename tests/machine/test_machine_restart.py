@@ -82,3 +82,50 @@ def test_killed_devices_are_restarted_and_the_verified_workload_never_notices(tm
     (ping,) = r["net"]
     assert ping["sent"] > 20 and ping["sent"] - ping["lost"] > 20
     assert {d["name"]: d["pid"] for d in r["devices"]} == {x["device"]: x["new_pid"] for x in r["restarts"]}
+
+
+BALLOON = """
+[machine]
+name = "bal"
+ram = "64M"
+
+[[device]]
+type = "balloon"
+name = "bal"
+stats_interval = 0.5
+
+[[workload]]
+device = "bal"
+steps = [{ at = 0.2, size = "48M" }]
+
+[run]
+duration = 6
+"""
+
+
+def test_killed_balloon_comes_back_with_the_target_and_the_same_page_count(tmp_path):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(BALLOON)
+    ctl = str(tmp_path / "b.ctl")
+    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", str(cfg), "--control", ctl, "--json",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: os.path.exists(ctl) or proc.poll() is not None, 30, "the machine control socket")
+        _wait(lambda: request(ctl, {"cmd": "info"})["balloon"]["actual_pages"] == 4096, 15, "the scripted target")
+        before = request(ctl, {"cmd": "info"})
+        os.kill(before["devices"]["bal"], signal.SIGKILL)
+        _wait(lambda: request(ctl, {"cmd": "info"})["devices"]["bal"] != before["devices"]["bal"], 15, "the restart")
+        # The new device has the host's target and the guest's count of pages out, and they agree.
+        _wait(lambda: request(ctl, {"cmd": "info"})["balloon"].get("actual_pages") == 4096, 10,
+              "the balloon's state in the new process")
+        after = request(ctl, {"cmd": "info"})["balloon"]
+        assert after["target_pages"] == 4096 and after["actual_pages"] == 4096
+        # Still handed back to the host: the segment's resident size did not grow back by 16 MiB.
+        assert after["resident_bytes"] <= before["balloon"]["resident_bytes"] + (2 << 20)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    r = json.loads(out)
+    assert [x["device"] for x in r["restarts"]] == ["bal"], err[-2000:]
