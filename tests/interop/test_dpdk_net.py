@@ -99,8 +99,10 @@ def test_testpmd_rxonly_receives_what_the_device_placed(tmp_path):
         got, _ = _counts(out)
         placed = _metric(port, "simvirt_requests_total", device="net", op="rx")
         assert got > 1000, out
-        # Frames still sitting in testpmd's ring(s) when it stopped were placed but never read.
-        assert 0 <= placed - got <= 2 * QUEUE_SIZE, f"device placed {placed}, testpmd received {got}"
+        # Frames still sitting in testpmd's ring when it stopped were placed but never read: a
+        # ring's worth, plus what the device placed in the refills the virtio PMD posted while
+        # stopping (a CI run under load saw 3 rings' worth). Never fewer placed than received.
+        assert 0 <= placed - got <= 4 * QUEUE_SIZE, f"device placed {placed}, testpmd received {got}"
     finally:
         dev.terminate()
         dev.wait(10)
