@@ -171,14 +171,18 @@ class BackendSession:
         self.features = features
         log.info("%s: frontend acked features %#x", self.device.label, features)
         self.device.set_features(features)
-        if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            # "Upon receiving SET_FEATURES without F_PROTOCOL_FEATURES the back-end must enable all rings immediately."
-            for vr in self.vrings:
-                vr.enabled = True
         for vr in self.vrings:
             if vr.queue is not None:
                 vr.queue.event_idx = bool(features & (1 << VIRTIO_F_EVENT_IDX))
                 vr.queue.indirect = bool(features & (1 << VIRTIO_F_INDIRECT_DESC))
+        if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            # "Upon receiving SET_FEATURES without F_PROTOCOL_FEATURES the back-end must enable all rings
+            # immediately" -- and a ring already started then runs: watch its kick.
+            for vr in self.vrings:
+                if not vr.enabled:
+                    vr.enabled = True
+                    if vr.started:
+                        self._start(vr)
         return None
 
     def _on_get_protocol_features(self, msg: Message) -> bytes:
@@ -298,15 +302,34 @@ class BackendSession:
             reg.close()
 
     def _remap_rings(self) -> None:
+        """Rebuild live rings over the new memory table; the device hears about it.
+
+        The device drops its reference to the old Queue (queue_stopped) before
+        its views are released and gets the new one (queue_started); a ring the
+        new table no longer maps is stopped, its kick fd unwatched.
+        """
         for vr in self.vrings:
-            if vr.queue is not None:
-                next_avail, next_used = vr.queue.next_avail, vr.queue.next_used
-                vr.queue.release()
-                vr.queue = None
-                try:
-                    vr.queue = self._build_queue(vr, next_avail, next_used)
-                except GuestAddressError as e:
-                    log.warning("ring %d no longer mapped after memory change: %s", vr.index, e)
+            old = vr.queue
+            if old is None:
+                continue
+            was_active = vr.active
+            if was_active:
+                self.device.queue_stopped(vr.index)
+            state = (old.next_avail, old.next_used, old.inflight, old.resubmit)
+            old.release()
+            vr.queue = None
+            try:
+                vr.queue = self._build_queue(vr, state[0], state[1])
+            except GuestAddressError as e:
+                log.warning("ring %d no longer mapped after memory change: %s", vr.index, e)
+                if was_active and vr.kick_fd >= 0:
+                    self.hooks.unwatch_kick(vr.index, vr.kick_fd)
+                vr.started = False
+                vr.base = state[0]
+                continue
+            vr.queue.inflight, vr.queue.resubmit = state[2], state[3]
+            if was_active:
+                self.device.queue_started(vr.index, vr.queue)
 
     # -- rings ------------------------------------------------------------
     def _on_set_vring_num(self, msg: Message) -> None:
@@ -360,13 +383,14 @@ class BackendSession:
 
     def _on_set_vring_kick(self, msg: Message) -> None:
         vr, fd = self._take_fd(msg)
+        if fd < 0:
+            # Refused before anything changes: a running ring keeps its kick fd and its watcher.
+            raise ProtocolError("polling mode (SET_VRING_KICK without fd) is not supported")
         if vr.kick_fd >= 0:
             if vr.active:
                 self.hooks.unwatch_kick(vr.index, vr.kick_fd)
             _close(vr.kick_fd)
         vr.kick_fd = fd
-        if fd < 0:
-            raise ProtocolError("polling mode (SET_VRING_KICK without fd) is not supported")
         vr.started = True
         if not self.protocol_features_negotiated:
             vr.enabled = True

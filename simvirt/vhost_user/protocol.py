@@ -175,13 +175,19 @@ class MessageParser:
         if fds:
             self._fds.append((self._consumed + len(self._buf), list(fds)))
         self._buf += data
-        out = []
+        out: list[Message] = []
         while len(self._buf) >= HEADER_SIZE:
             request, flags, size = HEADER.unpack_from(self._buf)
+            bad = None
             if size > MAX_PAYLOAD:
-                raise ProtocolError(f"payload size {size} of request {request} exceeds {MAX_PAYLOAD}")
-            if (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
-                raise ProtocolError(f"bad protocol version in flags {flags:#x}")
+                bad = f"payload size {size} of request {request} exceeds {MAX_PAYLOAD}"
+            elif (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
+                bad = f"bad protocol version in flags {flags:#x}"
+            if bad is not None:
+                # The stream is broken: the messages completed in this call are lost with it, but
+                # their fds must not be -- pending_fds() hands them to the caller to close.
+                self._fds[:0] = [(-1, m.fds) for m in out if m.fds]
+                raise ProtocolError(bad)
             if len(self._buf) < HEADER_SIZE + size:
                 break
             start = self._consumed

@@ -264,8 +264,12 @@ class Queue:
                     for _ in range(n):
                         wj = ind[2 * j + 1]
                         fj = (wj >> 32) & 0xFFFF
+                        if fj & VIRTQ_DESC_F_INDIRECT:
+                            # A nested table (illegal): it describes no buffer, and WRITE on it
+                            # means nothing (virtio 1.2 2.7.5.3.2), so there is no status byte to find.
+                            return None
                         last = (ind[2 * j], wj & 0xFFFFFFFF, fj)
-                        if not fj & VIRTQ_DESC_F_NEXT or fj & VIRTQ_DESC_F_INDIRECT:
+                        if not fj & VIRTQ_DESC_F_NEXT:
                             return last
                         j = wj >> 48
                         if j >= n:

@@ -57,7 +57,7 @@ class BalloonDevice(VirtioDevice):
         self.guest_stats: dict[str, int] = {}
         self.stats_updated: Optional[float] = None
         self.stats_updates = 0
-        self._stats_held: Optional[tuple[Queue, int, int]] = None  # (queue, ring index, head)
+        self._stats_held: Optional[tuple[Optional[Queue], int, int]] = None  # (queue or None if stopped, ring index, head)
         self._stats_timer: Optional[asyncio.TimerHandle] = None
         self._stats_waiters: list[asyncio.Future] = []
         lbl = self.label
@@ -155,6 +155,8 @@ class BalloonDevice(VirtioDevice):
         if held is None:
             return False
         queue, index, head = held
+        if queue is None:
+            return False  # its ring is stopped
         self._stats_held = None
         queue.add_used(head, 0)
         self.signal(index)
@@ -176,6 +178,10 @@ class BalloonDevice(VirtioDevice):
 
     # -- queues -----------------------------------------------------------
     def queue_started(self, index: int, queue: Queue) -> None:
+        held = self._stats_held
+        if held is not None and held[0] is None and held[1] == index:
+            # The ring was rebuilt (a memory-table change): the held buffer is still the driver's.
+            self._stats_held = (queue, index, held[2])
         if self._role(index) == "statsq" and self.stats_interval > 0 and self._stats_timer is None:
             self._schedule_stats()
 
@@ -192,8 +198,11 @@ class BalloonDevice(VirtioDevice):
         self._stats_timer = loop.call_later(self.stats_interval, tick)
 
     def queue_stopped(self, index: int) -> None:
-        if self._stats_held is not None and self._stats_held[1] == index:
-            self._stats_held = None
+        held = self._stats_held
+        if held is not None and held[1] == index:
+            # Forget the old Queue object (its views are about to be released) but not the head:
+            # if the same ring starts again without a reset, the buffer is still outstanding.
+            self._stats_held = (None, index, held[2])
 
     def _role(self, index: int) -> str:
         return self.roles[index] if index < len(self.roles) else "unused"
@@ -217,10 +226,12 @@ class BalloonDevice(VirtioDevice):
                     self._pfns(descs, inflate=False)
                 elif role == "statsq":
                     self._stats(descs)
-                    if self._stats_held is not None:  # a driver must keep at most one outstanding
+                    if self._stats_held is not None and self._stats_held[0] is not None:
+                        # A driver must keep at most one outstanding (one held across a stop is forgotten).
                         self._error("stats_buffer_overrun", "statsq: a second stats buffer while one is held")
                         old_q, _, old_head = self._stats_held
-                        old_q.add_used(old_head, 0)
+                        if old_q is not None:
+                            old_q.add_used(old_head, 0)
                     self._stats_held = (queue, index, head)
                     continue
                 elif role == "reporting_vq":

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 HDR = ns.VIRTIO_NET_HDR_SIZE
 RX_BACKLOG = 1024
+_GSO_FEATURE = {  # which negotiated feature allows the driver to send each GSO type
+    ns.VIRTIO_NET_HDR_GSO_TCPV4: ns.VIRTIO_NET_F_HOST_TSO4,
+    ns.VIRTIO_NET_HDR_GSO_TCPV6: ns.VIRTIO_NET_F_HOST_TSO6,
+    ns.VIRTIO_NET_HDR_GSO_UDP: ns.VIRTIO_NET_F_HOST_UFO,
+    ns.VIRTIO_NET_HDR_GSO_UDP_L4: ns.VIRTIO_NET_F_HOST_USO,
+}
 _RX_HDR1 = ns.VirtioNetHdr(num_buffers=1).pack()  # no offload, one buffer (num_buffers is ignored without MRG_RXBUF)
 
 
@@ -245,7 +251,15 @@ class NetDevice(VirtioDevice):
             frame = data[HDR:]
             try:
                 if gso != ns.VIRTIO_NET_HDR_GSO_NONE:
+                    needs = _GSO_FEATURE.get(gso)
+                    if needs is None or not self.has_feature(needs):
+                        self._drop("tx_bad_offload")  # a GSO type the driver was never offered
+                        continue
                     segs = segment(frame, hdr)
+                    if any(len(x) > max_frame for x in segs):
+                        # gso_size is the guest's: segments must still fit the link's MTU.
+                        self._drop("tx_oversize")
+                        continue
                     frames.extend(segs)
                     nbytes += sum(len(x) for x in segs)
                     continue
@@ -475,7 +489,7 @@ class NetDevice(VirtioDevice):
             return None
         used: list[tuple[int, int]] = []
         off = 0
-        first_view: Optional[memoryview] = None
+        header_views: list[memoryview] = []  # the pieces holding the 12-byte header (any framing)
         while off < total:
             if queue.pending() == 0:
                 if used:
@@ -493,15 +507,15 @@ class NetDevice(VirtioDevice):
             for v in views:
                 take = min(len(v), total - off)
                 v[:take] = data[off:off + take]
-                if first_view is None:
-                    first_view = v
+                if off < HDR and take:
+                    header_views.append(v[:min(take, HDR - off)])
                 off += take
                 n += take
                 if off == total:
                     break
             used.append((head, n))
-        assert first_view is not None
-        first_view[10:12] = len(used).to_bytes(2, "little")
+        # num_buffers (header bytes 10..11) is known only now; the header may span descriptors.
+        _write_across(header_views, 10, len(used).to_bytes(2, "little"))
         queue.add_used_many(used)
         return True
 
@@ -586,6 +600,20 @@ class NetDevice(VirtioDevice):
                 return True
             return False
         return False
+
+
+def _write_across(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of the byte string the ``views`` form end to end."""
+    for v in views:
+        if offset >= len(v):
+            offset -= len(v)
+            continue
+        take = min(len(v) - offset, len(data))
+        v[offset:offset + take] = data[:take]
+        data = data[take:]
+        offset = 0
+        if not data:
+            return
 
 
 def _scatter(views: list[memoryview], data: bytes) -> None:
