@@ -45,6 +45,7 @@ DEFAULT_PROTOCOL_FEATURES = (
 )
 MAX_MEM_SLOTS = 8
 MAX_INFLIGHT_AREA = 64 << 20
+MAX_INFLIGHT_OFFSET = 1 << 40  # an fd offset beyond this is nonsense (and beyond mmap's range near 2**63)
 
 
 class SessionHooks(Protocol):
@@ -494,7 +495,8 @@ class BackendSession:
         if not 1 <= num_queues <= len(self.vrings) or queue_size == 0 or queue_size > 32768:
             raise ProtocolError(f"SET_INFLIGHT_FD for {num_queues} queue(s) of {queue_size}")
         need = inflight.area_size(num_queues, queue_size)
-        if mmap_size < need or mmap_size > MAX_INFLIGHT_AREA or mmap_offset % mmap.PAGESIZE:
+        if mmap_size < need or mmap_size > MAX_INFLIGHT_AREA or mmap_offset % mmap.PAGESIZE \
+                or mmap_offset > MAX_INFLIGHT_OFFSET:
             raise ProtocolError(f"SET_INFLIGHT_FD area of {mmap_size} bytes at {mmap_offset} (need {need})")
         area = mmap.mmap(msg.fds[0], mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                          offset=mmap_offset)
@@ -529,7 +531,15 @@ class BackendSession:
         iq = inflight.InflightQueue(view, vr.num)
         if not iq.initialised():
             iq.reset()
-        pending = iq.recover(queue.next_used)
+        try:
+            pending = iq.recover(queue.next_used)
+        except inflight.InflightError as e:
+            # The frontend's area is garbage: nothing in it can be trusted to resubmit.
+            log.warning("%s: queue %d: inflight area unusable (%s); starting it afresh", self.device.label,
+                        vr.index, e)
+            metrics.count_error(self.device.vm, self.device.label, "inflight_corrupt")
+            iq.reset()
+            pending = []
         queue.inflight = iq
         if pending:
             # libvhost-user's rule: everything before used_idx + inflight was taken.

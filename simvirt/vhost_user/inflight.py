@@ -95,7 +95,9 @@ class InflightQueue:
 
     # -- the request life cycle ---------------------------------------------
     def get(self, head: int) -> None:
-        """``head`` was popped from the avail ring."""
+        """``head`` was popped from the avail ring (a bogus head >= size has no entry)."""
+        if not 0 <= head < self.size:
+            return
         self.counter += 1
         DESC_STATE.pack_into(self._desc, DESC_STATE.size * head, 1, 0, self.counter)
 
@@ -103,7 +105,10 @@ class InflightQueue:
         desc = self._desc
         counters = self._counters
         c = self.counter
+        size = self.size
         for h in heads:
+            if h >= size:
+                continue  # the guest's nonsense: walk() refuses it, nothing to track
             c += 1
             desc[16 * h] = 1
             counters[2 * h + 1] = c
@@ -111,13 +116,15 @@ class InflightQueue:
 
     def pre_put(self, last_head: int) -> None:
         """About to publish used entries ending with ``last_head``."""
-        struct.pack_into("<H", self.view, 12, last_head)
+        struct.pack_into("<H", self.view, 12, last_head & 0xFFFF)
 
     def post_put(self, heads: "Sequence[int]", used_idx: int) -> None:
         """Used entries for ``heads`` are published; the used index is now ``used_idx``."""
         desc = self._desc
+        size = self.size
         for h in heads:
-            desc[16 * h] = 0
+            if h < size:
+                desc[16 * h] = 0
         struct.pack_into("<H", self.view, 14, used_idx & 0xFFFF)
 
     # -- recovery -------------------------------------------------------------
