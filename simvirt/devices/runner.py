@@ -26,15 +26,17 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
                        control_path: Optional[str] = None, control_handler=None, on_ready: Optional[Callable[[], None]] = None) -> None:
     """Serve ``device`` on ``socket_path`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
+    # Signal handlers first: the socket appearing is how callers know we are up, and a
+    # SIGTERM right after that must be a clean stop, not the default action.
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
     server = VhostUserServer(device, socket_path, loop=loop, poll_us=poll_us)
     server.listen()
     port = metrics.serve(metrics_port, metrics_addr)
     metrics.mark_process(device.vm, f"device-{device.name}")
     log.info("%s: vhost-user backend listening on %s%s", device.label, socket_path,
              f", metrics on {metrics_addr}:{port}" if port else "")
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
     control = None
     if control_path is not None and control_handler is not None:
         from simvirt.control import serve_control
