@@ -199,12 +199,22 @@ class VhostUserTransport:
     def driver_ok(self) -> None:
         """Start the rings (kick fds) and enable them: the device may now use them."""
         self._setup_inflight()
+        self._start_rings()
+
+    def _start_rings(self) -> None:
         for index, h in self.queues.items():
             self.fe.set_vring_kick(index, h.kick_fd)
         if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for index in self.queues:
                 self.fe.set_vring_enable(index, True)
         self._set_status(DeviceStatus.DRIVER_OK)
+
+    def _close_backend_req(self) -> None:
+        if self._backend_req is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._backend_req.fileno())
+            self._backend_req.close()
+            self._backend_req = None
 
     def watch_interrupts(self, loop: asyncio.AbstractEventLoop, index: int, callback: Callable[[], None]) -> None:
         h = self.queues[index]
@@ -231,11 +241,7 @@ class VhostUserTransport:
         in flight and the call/kick eventfds all stay: only the backend changed.
         """
         old_features = self.features
-        if self._backend_req is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._backend_req.fileno())
-            self._backend_req.close()
-            self._backend_req = None
+        self._close_backend_req()
         self.fe.close()
         self.fe = VhostUserFrontend(self.socket_path)
         saved_timeout = self.connect_timeout
@@ -269,12 +275,7 @@ class VhostUserTransport:
         if self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD) and self.inflight_area is not None:
             fd, size, offset, nq, qs = self.inflight_area
             fe.set_inflight_fd(fd, size, offset, nq, qs)
-        for index, h in self.queues.items():
-            fe.set_vring_kick(index, h.kick_fd)
-        if self.device_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            for index in self.queues:
-                fe.set_vring_enable(index, True)
-        self._set_status(DeviceStatus.DRIVER_OK)
+        self._start_rings()
         if self._loop is not None and self._config_cb is not None:
             self.watch_config_changes(self._loop, self._config_cb)
         self.reconnects += 1
@@ -327,11 +328,7 @@ class VhostUserTransport:
             os.close(h.kick_fd)
             os.close(h.call_fd)
         self.queues.clear()
-        if self._backend_req is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._backend_req.fileno())
-            self._backend_req.close()
-            self._backend_req = None
+        self._close_backend_req()
         self.fe.close()
         self.status = 0
         if self.inflight_area is not None:
