@@ -26,7 +26,8 @@ class DeviceProcess:
         self.socket_path = socket_path or os.path.join(self.tmpdir, f"{kind}.sock")
         cmd = [sys.executable, "-m", "simvirt", "device", kind, "--socket", self.socket_path, *args]
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log if log_path else None)
+        env = dict(os.environ, SIMVIRT_PARENT_PID=str(os.getpid()))   # the device exits with us
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log if log_path else None, env=env)
 
     def wait_ready(self, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Callable, Optional
 
@@ -31,6 +32,7 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    parent_fd = _watch_parent(loop, stop)
     server = VhostUserServer(device, socket_path, loop=loop, poll_us=poll_us)
     server.listen()
     port = metrics.serve(metrics_port, metrics_addr)
@@ -56,7 +58,42 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
         server.close()
         if server.session is not None:
             server.session.close()
+        if parent_fd is not None:
+            loop.remove_reader(parent_fd)
+            os.close(parent_fd)
         log.info("%s: stopped", device.label)
+
+
+PARENT_ENV = "SIMVIRT_PARENT_PID"
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, stop: "asyncio.Future[object]") -> Optional[int]:
+    """Stop when the process that started us dies, even by SIGKILL.
+
+    A ``simvirt run`` killed hard cannot stop its device processes, and
+    orphans would hold sockets, RAM and ports. A pidfd becomes readable when
+    its process exits; unlike PR_SET_PDEATHSIG it follows the parent process,
+    not the thread that happened to fork us.
+    """
+    want = os.environ.get(PARENT_ENV)
+    if not want:
+        return None
+    ppid = int(want)
+    try:
+        fd = os.pidfd_open(ppid)
+    except (OSError, AttributeError):
+        fd = None
+    if os.getppid() != ppid:            # already gone (or the pidfd names a reused pid)
+        if fd is not None:
+            os.close(fd)
+        log.warning("parent process %d is gone; stopping", ppid)
+        stop.done() or stop.set_result("parent exited")
+        return None
+    if fd is None:
+        return None
+    loop.add_reader(fd, lambda: stop.done() or (log.warning("parent process %d exited; stopping", ppid),
+                                                stop.set_result("parent exited")))
+    return fd
 
 
 def run_device(device: VirtioDevice, socket_path: str, **kw) -> int:

@@ -113,9 +113,13 @@ def test_blk_device_killed_repeatedly_loses_and_duplicates_nothing(tmp_path):
                     pass
                 os.kill(pids[-1], signal.SIGKILL)
                 kill_times.append(time.monotonic())
-                while len(pids) <= len(kill_times) and not stop:   # wait for the restart
-                    time.sleep(0.005)
+                # The next kill only once the new device has made progress: a kill before its
+                # first completion would leave nothing to tell a stall from bad luck.
+                if not resumed.wait(30):
+                    return
+                resumed.clear()
 
+        resumed = threading.Event()
         kill_thread = threading.Thread(target=killer, daemon=True)
         kill_thread.start()
         restarts = 0
@@ -133,6 +137,7 @@ def test_blk_device_killed_repeatedly_loses_and_duplicates_nothing(tmp_path):
             while completions < before + WRITERS and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert completions >= before + WRITERS, "writes stalled after the restart"
+            resumed.set()
             resubmitted += await _scrape_resubmitted(port)
         kill_thread.join(10)
         area.close()
