@@ -2,7 +2,8 @@
 
 ``simvirt device blk``  a standalone vhost-user-blk backend (QEMU can use it)
 ``simvirt bench blk``   drive a blk backend with the simvirt guest driver
-``simvirt run``         a whole machine from a TOML config
+``simvirt run``         a scenario (VMs, phases of load, impairments, faults) or a machine config
+``simvirt compare``     two scenario results, job by job
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip per-request metric accounting (only to measure its cost)")
     blk.add_argument("--poll-us", type=float, default=200.0,
                      help="busy-poll the ring this long after a batch before sleeping (0 = never)")
+    blk.add_argument("--control", metavar="PATH",
+                     help="msgpack control socket: impair (latency, iops, bandwidth, error_rate...), info")
 
     bal = dsub.add_parser("balloon", help="vhost-user virtio-balloon backend")
     bal.add_argument("--socket", required=True, help="unix socket path to listen on")
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--name", help="the device's name in metric labels (default: its type)")
     net.add_argument("--vm", default="standalone")
     net.add_argument("--poll-us", type=float, default=20.0)
+    net.add_argument("--control", metavar="PATH",
+                     help="msgpack control socket: impair (delay, jitter, loss, rate, direction), info, "
+                          "stream (responder); not with switch:NAME")
 
     ctl = sub.add_parser("ctl", help="talk to a control socket (device process or simvirt run)")
     ctl.add_argument("control_socket", metavar="SOCKET")
@@ -171,9 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
 
-    run = sub.add_parser("run", help="run a whole machine from a TOML config")
-    run.add_argument("config", nargs="?", help="TOML config (default: the embedded configs/default.toml)")
-    run.add_argument("--duration", type=float, help="override the workload duration (seconds)")
+    run = sub.add_parser("run", help="run a scenario (phases of load, impairments, faults) or a machine config")
+    run.add_argument("config", nargs="?", metavar="SCENARIO",
+                     help="a shipped scenario name (see --list), a scenario file, or a machine config "
+                          "(a file without [[phase]]); default: the shipped 'default' scenario")
+    run.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
+    run.add_argument("--out", metavar="DIR", help="scenario: write results.json and PNG plots here")
+    run.add_argument("--duration-scale", type=float, default=1.0, metavar="F",
+                     help="scenario: multiply every phase duration (and in-phase time) by F")
+    run.add_argument("--duration", type=float, help="machine config: override the workload duration (seconds)")
     run.add_argument("--metrics-port", type=int, help="one scrape address for the whole machine")
     run.add_argument("--metrics-addr", default="127.0.0.1", help="address to bind the scrape port to")
     run.add_argument("--control", help="machine control socket (simvirt ctl PATH balloon SIZE | balloon-stats | info)")
@@ -181,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-restart", action="store_true",
                      help="let a device process that dies stay dead (default: restart it and reconnect its driver)")
+    vm = sub.add_parser("vm", help="one VM of a scenario as its own driver process (started by simvirt run)")
+    vm.add_argument("scenario", help="scenario name or file")
+    vm.add_argument("--vm", required=True, help="which VM of the scenario")
+    vm.add_argument("--control", required=True, help="control socket the runner drives this VM through")
+    vm.add_argument("--scale", type=float, default=1.0, help="duration scale")
+    vm.add_argument("--port", action="append", metavar="DEVICE=SOCKET",
+                    help="net device served by a shared switch at SOCKET (no device process of our own)")
+    vm.add_argument("--metrics-port", type=int)
+    cmp = sub.add_parser("compare", help="compare two scenario results (results.json) job by job", add_help=False)
+    cmp.add_argument("rest", nargs=argparse.REMAINDER)
     sk = sub.add_parser("soak", help="run a mixed machine for a long time; check RSS/fds stay flat and errors zero")
     sk.add_argument("--minutes", type=float, default=10.0)
     sk.add_argument("--config", help="machine TOML (default: the embedded demo machine)")
@@ -243,8 +265,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "soak":
             return _soak_command(args)
         if args.command == "run":
-            from simvirt.machine.run import run_machine_command
-            return run_machine_command(args)
+            from simvirt.scenario.cli import run_command
+            return run_command(args)
+        if args.command == "vm":
+            from simvirt.scenario.vm import vm_main
+            return vm_main(args)
+        if args.command == "compare":
+            from simvirt.scenario.compare import compare_main
+            return compare_main(args.rest)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:

@@ -203,3 +203,45 @@ def scrape(port: int, name: str, addr: str = "127.0.0.1", **labels: str) -> floa
 
 def mark_process(vm: str, role: str) -> None:
     PROCESS_INFO.labels(vm, role, str(os.getpid())).set(time.time())
+
+
+# -- impairments (simvirt.impair; device --control "impair") -------------------------------
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402
+
+
+class ImpairStats:
+    """What a device's impairment did, as plain ints (read at scrape time, like :class:`OpStats`).
+
+    ``delayed``: requests/frames held for added latency or delay; ``throttled``:
+    requests that waited for rate-limiter tokens; ``dropped``: frames lost
+    (netem loss or queue limit); ``failed``: requests failed by error
+    injection; ``held``: requests/frames waiting right now.
+    """
+
+    __slots__ = ("labels", "delayed", "throttled", "dropped", "failed", "held", "__weakref__")
+    WHAT = ("delayed", "throttled", "dropped", "failed")
+
+    def __init__(self, vm: str, device: str) -> None:
+        self.labels = [vm, device]
+        self.delayed = self.throttled = self.dropped = self.failed = self.held = 0
+        _LIVE_IMPAIR.add(self)
+
+
+_LIVE_IMPAIR: "weakref.WeakSet[ImpairStats]" = weakref.WeakSet()
+
+
+class _ImpairCollector(Collector):
+    def collect(self):
+        stats = list(_LIVE_IMPAIR)
+        c = CounterMetricFamily("simvirt_impaired", "Requests or frames affected by an impairment, by effect",
+                                labels=_D + ["what"])
+        g = GaugeMetricFamily("simvirt_impaired_held", "Requests or frames held by an impairment right now", labels=_D)
+        for st in stats:
+            for what in ImpairStats.WHAT:
+                c.add_metric(st.labels + [what], getattr(st, what))
+            g.add_metric(st.labels, st.held)
+        yield c
+        yield g
+
+
+REGISTRY.register(_ImpairCollector())

@@ -3,6 +3,7 @@ docker/prometheus.yml's job settings, every dashboard expression returns data,
 the compose file validates, and `simvirt top` draws a screen under a pty."""
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import os
 import pathlib
@@ -20,6 +21,9 @@ import pytest
 from simvirt.bench.procs import free_port
 from tests.conftest import require_tool
 
+# The default machine config (simvirt run with no argument runs the default scenario instead).
+MACHINE = str(Path(__file__).resolve().parents[1] / "configs" / "machine.toml")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -36,7 +40,7 @@ def _dashboard_exprs() -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def machine():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", "--duration", "60", "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", MACHINE, "--duration", "60", "--no-progress",
                              "--metrics-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:

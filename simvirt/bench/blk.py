@@ -49,6 +49,8 @@ class BlkBenchOptions:
     guest_ram: Optional[int] = None
     seed: int = 1
     poll_us: float = 0.0
+    offset: int = 0                    # fio's offset: the job's region starts here (bytes)
+    rate_iops: Optional[int] = None    # fio's rate_iops
 
 
 def pattern(block: int, gen: int, bs: int) -> bytes:
@@ -83,23 +85,24 @@ class _Slot:
     def _complete(self, status: int, length: int) -> None:
         w = self.w
         now = perf_counter_ns()
-        w.lat.append(now - self.t0)
-        (w.lat_read if self.read else w.lat_write).observe((now - self.t0) * 1e-9)
-        w.inflight -= 1
+        read = self.read
+        w.lat_dir[read].append(now - self.t0)
+        (w.lat_read if read else w.lat_write).observe((now - self.t0) * 1e-9)
         if status:
             w.errors += 1
         else:
-            w.ios += 1
-            w.bytes += w.bs
+            w.ios_dir[read] += 1
             if w.verify:
-                w._check(self.block, self.read, self.view)
+                w._check(self.block, read, self.view)
         if w.verify:
             w.busy.discard(self.block)
         if now < w.stop_at:
-            w.inflight += 1
-            w.issue(self)
-        elif w.inflight == 0 and w.done is not None and not w.done.done():
-            w.done.set_result(None)
+            if w.gap_ns:
+                w.pace(self, now)
+            else:
+                w.issue(self)
+        else:
+            w.retire()
 
 
 class BlkWorkload:
@@ -114,9 +117,14 @@ class BlkWorkload:
         self.verify = o.verify
         self.rng = random.Random(o.seed)
         self._random = self.rng.random
-        self.lat = LatencyHistogram()  # fixed memory however long the run
-        self.ios = 0
-        self.bytes = 0
+        # Per direction (index: is-read), fio-style; fixed memory however long the run.
+        self.lat_dir = [LatencyHistogram(), LatencyHistogram()]
+        self.ios_dir = [0, 0]
+        self.base_block = o.offset // o.bs
+        # fio's rate_iops: issues spread evenly, one every gap_ns, whatever the queue depth.
+        self.gap_ns = int(1e9 / o.rate_iops) if o.rate_iops else 0
+        self.next_issue_ns = 0
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.errors = 0
         self.mismatches = 0
         self.verified_reads = 0
@@ -147,6 +155,51 @@ class BlkWorkload:
                 if False in directions:
                     slot.wr = drv.fixed_request(bq, s.VIRTIO_BLK_T_OUT, segs)
             self.slots.append(slot)
+
+    @property
+    def ios(self) -> int:
+        return self.ios_dir[0] + self.ios_dir[1]
+
+    @property
+    def bytes(self) -> int:
+        return self.ios * self.bs
+
+    @property
+    def lat(self) -> LatencyHistogram:
+        """Read and write latencies together."""
+        return self.lat_dir[1].merged(self.lat_dir[0])
+
+    def pace(self, slot: _Slot, now: int) -> None:
+        """Issue ``slot`` at the next rate_iops tick (now, if the job is behind)."""
+        at = max(self.next_issue_ns, now)
+        self.next_issue_ns = at + self.gap_ns
+        if at <= now:
+            self.issue(slot)
+        else:
+            assert self.loop is not None
+            self.loop.call_later((at - now) * 1e-9, self._paced_issue, slot)
+
+    def _paced_issue(self, slot: _Slot) -> None:
+        if perf_counter_ns() < self.stop_at:
+            self.issue(slot)
+        else:
+            self.retire()
+
+    def retire(self) -> None:
+        """A slot is done for good (the run is over); the last one resolves :meth:`run`."""
+        self.inflight -= 1
+        if self.inflight == 0 and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def release(self, alloc: PageAllocator) -> None:
+        """Give back the slot buffers and persistent chains (a finished job in a longer-lived guest)."""
+        for slot in self.slots:
+            for fixed in (slot.rd, slot.wr):
+                if fixed is not None:
+                    self.drv.release_fixed(fixed)
+            slot.rd = slot.wr = None
+            alloc.free_range(slot.gpa, max(1, -(-self.bs // alloc.page_size)))
+        self.slots.clear()
 
     def _pick_block(self) -> int:
         if self.sequential:
@@ -188,7 +241,7 @@ class BlkWorkload:
             else:
                 view[:] = self.zero
             self.busy.add(block)
-        sector = block * (self.bs >> 9)
+        sector = (self.base_block + block) * (self.bs >> 9)
         fixed = slot.rd if read else slot.wr
         slot.t0 = perf_counter_ns()
         if fixed is not None:
@@ -223,10 +276,16 @@ class BlkWorkload:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         t0 = time.perf_counter()
-        self.stop_at = perf_counter_ns() + int(runtime * 1e9)
+        self.loop = loop
+        now = perf_counter_ns()
+        self.stop_at = now + int(runtime * 1e9)
+        self.next_issue_ns = now
         for slot in self.slots:
             self.inflight += 1
-            self.issue(slot)
+            if self.gap_ns:
+                self.pace(slot, now)
+            else:
+                self.issue(slot)
         await self.done
         return time.perf_counter() - t0
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 SUB_BITS = 7  # 128 sub-buckets per power of two: every percentile within 0.8 % of the true sample
 
@@ -77,6 +77,39 @@ class LatencyHistogram:
             if seen >= want:
                 return min(self._value(key), self.max)
         return self.max
+
+    def snapshot(self) -> tuple[dict[int, int], int]:
+        """The bucket counts so far, for :meth:`quantile_since` (one dict copy, not per sample)."""
+        self._fold()
+        return dict(self.counts), self.n
+
+    def quantile_since(self, snap: tuple[dict[int, int], int], q: float) -> Optional[int]:
+        """A quantile of only the samples recorded after ``snap`` (per-second timelines), None if none."""
+        self._fold()
+        old, n0 = snap
+        n = self.n - n0
+        if n <= 0:
+            return None
+        want = min(n, max(1, int(q * n + 0.5)))
+        seen = 0
+        for key in sorted(self.counts):
+            seen += self.counts[key] - old.get(key, 0)
+            if seen >= want:
+                return min(self._value(key), self.max)
+        return self.max
+
+    def merged(self, other: "LatencyHistogram") -> "LatencyHistogram":
+        """A new histogram holding the samples of both (reads and writes reported together)."""
+        self._fold()
+        other._fold()
+        out = LatencyHistogram()
+        out.counts = dict(self.counts)
+        for k, c in other.counts.items():
+            out.counts[k] = out.counts.get(k, 0) + c
+        out.n = self.n + other.n
+        out.total = self.total + other.total
+        out.max = max(self.max, other.max)
+        return out
 
     def summary(self) -> tuple[int, int, int]:
         """(count, sum, max) with every sample folded in."""

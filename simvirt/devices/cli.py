@@ -26,9 +26,13 @@ def run_device_command(args: argparse.Namespace) -> int:
         dev = BlkDevice(storage, serial=args.serial, num_queues=args.num_queues, readonly=args.readonly,
                         seg_max=args.seg_max, size_max=args.size_max, vm=args.vm, label=args.name)
         dev.count_metrics = not args.no_metrics
+        handler = None
+        if args.control:
+            from simvirt.devices.blk.control import blk_control_handler
+            handler = blk_control_handler(dev)
         try:
             return run_device(dev, args.socket, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                              poll_us=args.poll_us)
+                              poll_us=args.poll_us, control_path=args.control, control_handler=handler)
         finally:
             storage.close()
     if args.device == "balloon":
@@ -55,6 +59,8 @@ def _run_net(args: argparse.Namespace) -> int:
 
     if args.backend.startswith("switch:"):
         from simvirt.devices.net.switch import run_switch
+        if args.control:
+            raise ValueError("--control is not available with the switch backend (one process serves every port)")
         name = args.backend[len("switch:"):]
         if not name or "/" in name:
             raise ValueError("switch:NAME needs a plain name")
@@ -85,9 +91,13 @@ def _run_net(args: argparse.Namespace) -> int:
         dev.peer = peer
         if args.pcap:
             dev.capture = PcapWriter.open(args.pcap)
+        handler = None
+        if args.control:
+            from simvirt.devices.net.control import net_control_handler
+            handler = net_control_handler(dev, peer, args.backend)
         try:
             await serve_device(dev, args.socket[0], metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                               poll_us=args.poll_us)
+                               poll_us=args.poll_us, control_path=args.control, control_handler=handler)
         finally:
             if dev.capture is not None:
                 dev.capture.close()

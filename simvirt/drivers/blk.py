@@ -227,6 +227,13 @@ class VirtioBlkDriver:
             head = bq.q.add_persistent([hdr, *data], [status])
         return FixedRequest(self, bq, slot, head, rtype)
 
+    def release_fixed(self, req: "FixedRequest") -> None:
+        """Undo :meth:`fixed_request` (the request must not be in flight)."""
+        bq = req.bq
+        bq.q.release_persistent(req.head)
+        bq.fixed[req.slot] = False
+        bq.free_slots.append(req.slot)
+
     def _publish(self, bq: _BlkQueue) -> None:
         bq.publish_pending = False
         bq.h.publish()

@@ -5,6 +5,7 @@ anything starts, so a bad config never leaves half a machine running.
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,16 +21,19 @@ class ConfigError(ValueError):
 @dataclass
 class BlkDeviceConfig:
     name: str
-    backend: str = "memory"  # null | memory | file:PATH
+    backend: str = "memory"  # null | memory | file:PATH | scratch (a file in the run's directory, removed after)
     size: int = 64 << 20
     serial: str = ""
     num_queues: int = 1
     readonly: bool = False
+    event_idx: bool = True   # the driver negotiates VIRTIO_F_EVENT_IDX (off: every kick and interrupt is sent)
     type: str = "blk"
 
-    def device_args(self) -> list[str]:
+    def device_args(self, workdir: str = ".") -> list[str]:
         args = []
-        if self.backend == "null":
+        if self.backend == "scratch":
+            args += ["--image", os.path.join(workdir, f"{self.name}.img"), "--size", str(self.size)]
+        elif self.backend == "null":
             args += ["--null", str(self.size)]
         elif self.backend == "memory":
             args += ["--memory", str(self.size)]
@@ -49,6 +53,7 @@ class NetDeviceConfig:
     mtu: int = 1500
     ip: str = "10.0.2.15"
     pcap: Optional[str] = None
+    event_idx: bool = True
     type: str = "net"
 
     def device_args(self) -> list[str]:
@@ -76,6 +81,7 @@ class BalloonDeviceConfig:
     name: str
     stats_interval: float = 2.0
     report_interval: float = 2.0  # guest free page reporting pass (0 = off)
+    event_idx: bool = True
     type: str = "balloon"
 
     def device_args(self) -> list[str]:
@@ -212,8 +218,8 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
             cfg.devices.append(bal)
             continue
         backend = _take(d, where, "backend", str, "memory")
-        if backend not in ("null", "memory") and not (backend.startswith("file:") and len(backend) > 5):
-            raise ConfigError(f"{where}.backend: {backend!r} is not null, memory or file:PATH")
+        if backend not in ("null", "memory", "scratch") and not (backend.startswith("file:") and len(backend) > 5):
+            raise ConfigError(f"{where}.backend: {backend!r} is not null, memory, scratch or file:PATH")
         dev = BlkDeviceConfig(name=name, backend=backend, size=_size(d, where, "size", 64 << 20) or 0,
                               serial=_take(d, where, "serial", str, name),
                               num_queues=_take(d, where, "num_queues", int, 1),
@@ -284,8 +290,8 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
 
 def load_config(path: Optional[str]) -> MachineConfig:
     if path is None:
-        text = resources.files("simvirt").joinpath("configs/default.toml").read_text()
-        return parse_config(text, "<embedded default.toml>")
+        text = resources.files("simvirt").joinpath("configs/machine.toml").read_text()
+        return parse_config(text, "<embedded machine.toml>")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

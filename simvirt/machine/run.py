@@ -34,6 +34,7 @@ from simvirt.drivers.netstack import GuestStack
 from simvirt.machine.config import (
     BalloonDeviceConfig,
     BalloonWorkloadConfig,
+    BlkDeviceConfig,
     MachineConfig,
     NetDeviceConfig,
     NetWorkloadConfig,
@@ -43,11 +44,28 @@ from simvirt.net.packets import ip_bytes, udp_frame
 from simvirt.machine.federate import machine_registry
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
+from simvirt.drivers.balloon import WANTED_FEATURES as BALLOON_FEATURES
+from simvirt.drivers.blk import WANTED_FEATURES as BLK_FEATURES
+from simvirt.drivers.net import WANTED_FEATURES as NET_FEATURES
+from simvirt.virtio.spec import VIRTIO_F_EVENT_IDX, bit
+
+
+def _features(wanted: int, event_idx: bool) -> int:
+    """A driver's feature wish list, without VIRTIO_F_EVENT_IDX when the config turns it off."""
+    return wanted if event_idx else wanted & ~bit(VIRTIO_F_EVENT_IDX)
 
 
 class Machine:
-    def __init__(self, cfg: MachineConfig, console: Console) -> None:
+    def __init__(self, cfg: MachineConfig, console: Console, *, external: Optional[dict[str, str]] = None,
+                 device_controls: bool = False) -> None:
+        """``external``: net devices served by a process someone else runs (a shared switch port),
+        by name -> socket path. ``device_controls``: give blk and net device processes a control
+        socket (impairments, streams) at ``controls[name]``."""
         self.cfg = cfg
+        self.external = external or {}
+        self.device_controls = device_controls
+        self.controls: dict[str, str] = {}
+        self.net_backends: dict[str, str] = {}
         self.console = console
         self.workdir = tempfile.mkdtemp(prefix=f"simvirt-{cfg.name}-")
         self.procs: dict[str, DeviceProcess] = {}
@@ -70,32 +88,46 @@ class Machine:
         self.mem = GuestMemory.create_shared(cfg.ram, name=f"simvirt-{cfg.name}-{os.getpid()}")
         self.alloc = PageAllocator(0, cfg.ram)
         for dev in cfg.devices:
+            if isinstance(dev, NetDeviceConfig):
+                self.net_backends[dev.name] = dev.backend.split(":", 1)[0]
+            if dev.name in self.external:
+                continue
             port = free_port()
             sock = os.path.join(self.workdir, f"{dev.name}.sock")
             extra = []
             if isinstance(dev, BalloonDeviceConfig):
                 self.balloon_ctl = os.path.join(self.workdir, f"{dev.name}.ctl")
                 extra = ["--control", self.balloon_ctl]
-            args = dev.device_args() + extra + ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)]
+            elif self.device_controls:
+                self.controls[dev.name] = os.path.join(self.workdir, f"{dev.name}.ctl")
+                extra = ["--control", self.controls[dev.name]]
+            if isinstance(dev, BlkDeviceConfig) and dev.backend == "scratch":
+                # A disk image that outlives device restarts (a memory disk dies with its process).
+                with open(os.path.join(self.workdir, f"{dev.name}.img"), "wb") as f:
+                    f.truncate(dev.size)
+            args = (dev.device_args(self.workdir) if isinstance(dev, BlkDeviceConfig) else dev.device_args()) + extra
+            args += ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)]
             log_path = os.path.join(self.workdir, f"{dev.name}.log")
             self.specs[dev.name] = (dev.type, args, sock, log_path)
             self.procs[dev.name] = DeviceProcess(dev.type, args, socket_path=sock, log_path=log_path)
             self.metric_targets[f"device-{dev.name}"] = f"http://127.0.0.1:{port}/metrics"
         for dev in cfg.devices:
-            sock = self.procs[dev.name].wait_ready()
+            sock = self.external.get(dev.name) or self.procs[dev.name].wait_ready()
             if isinstance(dev, NetDeviceConfig):
                 # Inflight tracking here makes a device restart at-most-once for frames (no duplicates).
                 ndrv = VirtioNetDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name,
-                                                          inflight=True),
-                                       poll_us=20.0)
+                                                          inflight=dev.name not in self.external),
+                                       poll_us=20.0, features=_features(NET_FEATURES, dev.event_idx))
                 ndrv.probe(loop)
                 self.nets[dev.name] = GuestStack(ndrv, dev.ip)
+                owner = self.procs[dev.name].proc.pid if dev.name in self.procs else "shared"
                 self.console.log(f"{dev.name}: virtio-net mac={ndrv.mac.hex(':')} ip={dev.ip} backend={dev.backend} "
-                                 f"pid={self.procs[dev.name].proc.pid}")
+                                 f"pid={owner}")
                 continue
             if isinstance(dev, BalloonDeviceConfig):
                 bal = VirtioBalloonDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name),
-                                          report_interval=dev.report_interval)
+                                          report_interval=dev.report_interval,
+                                          features=_features(BALLOON_FEATURES, dev.event_idx))
                 bal.probe(loop)
                 bal.start()
                 self.balloon = bal
@@ -105,7 +137,7 @@ class Machine:
             # Inflight tracking, as QEMU's vhost-user-blk does: a restarted device resubmits what the dead one took.
             drv = VirtioBlkDriver(VhostUserTransport(sock, self.mem, self.alloc, vm=cfg.name, device_label=dev.name,
                                                      inflight=True),
-                                  num_queues=dev.num_queues)
+                                  num_queues=dev.num_queues, features=_features(BLK_FEATURES, dev.event_idx))
             drv.probe(loop)
             self.drivers[dev.name] = drv
             self.console.log(f"{dev.name}: virtio-blk {format_size(drv.capacity_bytes)} serial={dev.serial or dev.name} "
@@ -232,6 +264,12 @@ class Machine:
             p.stop()
         if self.mem is not None:
             self.mem.close()
+        for dev in self.cfg.devices:
+            if isinstance(dev, BlkDeviceConfig) and dev.backend == "scratch":
+                try:
+                    os.unlink(os.path.join(self.workdir, f"{dev.name}.img"))
+                except FileNotFoundError:
+                    pass
 
 
 def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], elapsed: float, last: dict) -> Table:

@@ -118,7 +118,7 @@ duration = 3.5
      "workload[0].mode: 'flood' is not ping or udp-tx"),
     (BASE + '[[device]]\ntype = "blk"\n', "device[1]: missing required key 'name'"),
     (BASE + '[[device]]\nname = "x"\n', "device[1]: missing required key 'type'"),
-    (BASE.replace('backend = "memory"', 'backend = "tape"'), "device[0].backend: 'tape' is not null, memory or file:PATH"),
+    (BASE.replace('backend = "memory"', 'backend = "tape"'), "device[0].backend: 'tape' is not null, memory, scratch or file:PATH"),
     (BASE.replace('backend = "memory"', 'backend = "file:"'), "device[0].backend"),
     (BASE + "num_queues = 0\n", "device[0].num_queues: must be 1..64"),
     (BASE + 'num_queues = "2"\n', "device[0].num_queues: expected int, got str"),

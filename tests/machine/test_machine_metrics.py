@@ -1,6 +1,7 @@
 """`simvirt run --metrics-port`: one scrape address for the driver and every device process."""
 from __future__ import annotations
 
+from pathlib import Path
 import collections
 import subprocess
 import sys
@@ -11,10 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simvirt.bench.procs import free_port
 
+# The default machine config (simvirt run with no argument runs the default scenario instead).
+MACHINE = str(Path(__file__).resolve().parents[2] / "configs" / "machine.toml")
+
 
 def test_one_scrape_address_covers_every_process_without_duplicate_series():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", "--duration", "6", "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", MACHINE, "--duration", "6", "--no-progress",
                              "--metrics-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         text = ""

@@ -1,6 +1,7 @@
 """``simvirt run``: the embedded default machine and a small machine with a balloon and a control socket."""
 from __future__ import annotations
 
+from pathlib import Path
 import asyncio
 import json
 import os
@@ -14,6 +15,9 @@ from simvirt.control import ControlError, request
 from simvirt.machine.config import parse_config
 from simvirt.machine.run import Machine
 
+# The default machine config (simvirt run with no argument runs the default scenario instead).
+MACHINE = str(Path(__file__).resolve().parents[2] / "configs" / "machine.toml")
+
 MiB = 1 << 20
 
 
@@ -22,11 +26,11 @@ def simvirt(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
 
 
 def test_default_machine_runs_and_reports_json():
-    r = simvirt("run", "--duration", "2", "--json", "--no-progress", timeout=60)
+    r = simvirt("run", MACHINE, "--duration", "2", "--json", "--no-progress", timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)  # stdout is the JSON and nothing else (logs go to stderr)
     assert out["ok"] is True
-    assert out["machine"] == "demo" and out["config"] == "<embedded default.toml>"
+    assert out["machine"] == "demo" and out["config"] == MACHINE
     assert 1.5 <= out["duration_s"] < 10
     assert [d["name"] for d in out["devices"]] == ["vda", "vdb", "net0", "balloon0"]
     (ping,) = out["net"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.devices.blk import spec as s
+from simvirt.devices.blk.impair import BlkImpairer, CallLater, Clock, make_impairer
 from simvirt.devices.blk.storage import Storage
+from simvirt.impair.settings import BlkSettings
 from simvirt.memory.guest import GuestAddressError
 from simvirt.virtio.errors import ChainLayoutError, VirtqueueError
 from simvirt.virtio.queue import Queue
@@ -78,6 +80,12 @@ class BlkDevice(VirtioDevice):
         self._op_stats = {k: metrics.OpStats(vm, self.label, name) for k, name in s.OP_NAMES.items()}
         metrics.declare_errors(vm, self.label, ["bad_address", "missing_status", "short_header", "out_of_range",
                                                 "unsupported_request", "io_error", "chain_too_long"])
+        # Set by the vhost-user server: interrupt the driver for chains completed outside a kick
+        # (requests an impairment held).
+        self.signal: Callable[[int], None] = lambda index: None
+        # Set while an impairment is (see set_impairment): process_queue hands requests to it.
+        self.impairer: Optional[BlkImpairer] = None
+        self.impair_stats = metrics.ImpairStats(vm, self.label)
 
     # -- negotiation and config ------------------------------------------
     def device_features(self) -> int:
@@ -120,9 +128,48 @@ class BlkDevice(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.writeback = 1
+        if self.impairer is not None:
+            self.impairer.forget()  # the impairment itself stays: it is the device's, not the guest's
+
+    def queue_stopped(self, index: int) -> None:
+        if self.impairer is not None:
+            self.impairer.queue_stopped(index)
+
+    # -- impairment (simvirt.impair; the control socket's "impair" command) --------------------
+    def set_impairment(self, settings: Optional[BlkSettings], *, clock: Optional[Clock] = None,
+                       call_later: Optional[CallLater] = None) -> None:
+        """Replace the impairment; None or all-default settings clear it.
+
+        Requests held by the previous one are re-admitted under the new limits
+        (in their order), or, when clearing, served at once.
+        """
+        old = self.impairer
+        new = make_impairer(self, settings, self.impair_stats, clock=clock, call_later=call_later)
+        self.impairer = new
+        if old is not None:
+            if new is None:
+                old.release_all()
+            else:
+                new.adopt(old)
+
+    def impair_info(self) -> dict[str, Any]:
+        st = self.impair_stats
+        imp = self.impairer
+        return {
+            "impair": imp.settings.as_dict() if imp is not None else {},
+            "delayed": st.delayed,
+            "throttled": st.throttled,
+            "failed": st.failed,
+            "held": imp.held() if imp is not None else 0,
+            "requests": {name: self._op_stats[k].requests for k, name in s.OP_NAMES.items()},
+        }
 
     # -- data path --------------------------------------------------------
     def process_queue(self, index: int, queue: Queue, stats: metrics.QueueStats) -> None:
+        impairer = self.impairer
+        if impairer is not None:  # the one check the unimpaired hot path pays
+            impairer.process(index, queue, stats)
+            return
         # Bounded batches: completing (and interrupting) every few chains lets a
         # polling driver refill the ring while we work, instead of lock-step.
         heads = queue.pop_heads(self.batch)
@@ -215,6 +262,18 @@ class BlkDevice(VirtioDevice):
         stats.descriptors += ndesc
         if self.count_metrics:
             self._flush_op_stats(time.perf_counter() - t0, len(heads))
+
+    def serve_one(self, queue: Queue, head: int) -> tuple[int, int]:
+        """One request by the general path, outside a batch (impaired requests served when due).
+
+        Returns (used length, descriptors walked).
+        """
+        try:
+            descs = queue.walk(head)
+        except VirtqueueError as e:
+            self._error(e.reason, f"chain {head}: {e}")
+            return self._fail_unwalkable(queue, head), 0
+        return self._process_general(head, descs, queue.mem.translate), len(descs)
 
     @staticmethod
     def _fail_unwalkable(queue: Queue, head: int) -> int:

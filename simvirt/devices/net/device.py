@@ -13,10 +13,12 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
+from simvirt.devices.net import impair as _impair
+from simvirt.impair.settings import NetSettings
 from simvirt.memory.guest import GuestAddressError
 from simvirt.net import spec as ns
 from simvirt.net.offload import PartialCsumFrame, complete_checksum, segment
@@ -90,6 +92,13 @@ class NetDevice(VirtioDevice):
         self.capture: Optional[PcapWriter] = None
         metrics.declare_errors(vm, self.label, ["tx_short_frame", "tx_oversize", "rx_no_buffer",
                                                 "rx_buffer_too_small", "rx_filtered", "bad_address"])
+        # Impairment (set_impairment): a lane per impaired direction, None otherwise, so the
+        # unimpaired paths pay one attribute check per batch.
+        self.impairer: Optional[_impair.NetImpairer] = None
+        self._tx_lane: Optional[_impair.Lane] = None
+        self._rx_lane: Optional[_impair.Lane] = None
+        self.impair_stats = metrics.ImpairStats(vm, self.label)
+        self.impair_counts = {d: {"delayed": 0, "dropped": 0} for d in ("tx", "rx")}
 
     # -- negotiation and config ------------------------------------------
     def device_features(self) -> int:
@@ -115,6 +124,8 @@ class NetDevice(VirtioDevice):
         self._roles.clear()
         self.rx_queues.clear()
         self.backlog.clear()
+        if self._rx_lane is not None:
+            self._rx_lane.drop_held()  # for a guest that is gone; held tx frames are on the wire and go on
 
     def set_features(self, features: int) -> None:
         super().set_features(features)
@@ -203,6 +214,10 @@ class NetDevice(VirtioDevice):
         qsize = queue.size
         partial_ok = self.peer is not None and getattr(self.peer, "accepts_partial_csum", False)
         borrow = self.peer is not None and getattr(self.peer, "borrows_frames", False)
+        lane = self._tx_lane
+        if lane is not None:
+            # Held frames outlive their descriptors: copy them out, wire-ready.
+            partial_ok = borrow = False
         for head in heads:
             used.append((head, 0))
             # Fast path: one readable descriptor holding header + frame (our driver, DPDK).
@@ -282,15 +297,52 @@ class NetDevice(VirtioDevice):
         if heads:
             self.stats.tx.service.observe((time.perf_counter() - t0) / len(heads), len(heads))
         if frames:
-            if self.capture is not None:
-                self.capture.write_many([f.completed() if isinstance(f, PartialCsumFrame) else f for f in frames])
-                self.capture.flush()
-            if self.peer is None:
-                self._drop("no_peer", len(frames))
+            if lane is not None:
+                lane.push(frames, self.tx_pair)
             else:
-                self.peer.send(frames)
+                self._send(frames)
         # Only now: frames handed over as views of guest RAM (PartialCsumFrame) are done with.
         queue.add_used_many(used)
+
+    def _send(self, frames: list) -> None:
+        """Frames onto the wire: the capture, then the peer."""
+        if self.capture is not None:
+            self.capture.write_many([f.completed() if isinstance(f, PartialCsumFrame) else f for f in frames])
+            self.capture.flush()
+        if self.peer is None:
+            self._drop("no_peer", len(frames))
+        else:
+            self.peer.send(frames)
+
+    def _send_later(self, frames: list[bytes], pair: int) -> None:
+        """Transmitted frames an impairment held, now due: replies go back on their queue pair."""
+        saved = self.tx_pair
+        self.tx_pair = pair
+        try:
+            self._send(frames)
+        finally:
+            self.tx_pair = saved
+
+    # -- impairment (simvirt.impair; the control socket's "impair" command) --------------------
+    def set_impairment(self, settings: Optional[NetSettings], *, clock=None, call_later=None) -> None:
+        """Replace the impairment; None or all-default settings clear it (held frames go at once)."""
+        sinks = {"tx": self._send_later, "rx": self._place}
+        self.impairer = _impair.replace(self.impairer, settings, sinks, self.impair_counts, self.impair_stats,
+                                        clock=clock, call_later=call_later)
+        self._tx_lane = self.impairer.lane("tx") if self.impairer is not None else None
+        self._rx_lane = self.impairer.lane("rx") if self.impairer is not None else None
+
+    def rx_held(self) -> int:
+        """Frames toward the guest an impairment holds (a streaming source counts them as in flight)."""
+        return len(self._rx_lane) if self._rx_lane is not None else 0
+
+    def impair_info(self) -> dict[str, Any]:
+        imp = self.impairer
+        out: dict[str, Any] = {"impair": imp.settings.as_dict() if imp is not None else {}}
+        for d in ("tx", "rx"):
+            lane = imp.lane(d) if imp is not None else None
+            out[d] = dict(self.impair_counts[d], held=len(lane) if lane is not None else 0)
+        return out
 
     # -- receive ----------------------------------------------------------
     def accepts(self, frame: bytes) -> bool:
@@ -306,6 +358,15 @@ class NetDevice(VirtioDevice):
 
     def deliver(self, frames: list[bytes], pair: int = 0) -> int:
         """Frames from the peer toward the guest; returns how many were placed."""
+        lane = self._rx_lane
+        if lane is not None and frames:
+            # Held past this call: frames lent by the sender (views of its RAM) are copied.
+            lane.push([bytes(f) if type(f) is memoryview else f for f in frames], pair)
+            return 0
+        return self._place(frames, pair)
+
+    def _place(self, frames: list[bytes], pair: int = 0) -> int:
+        """Frames into the guest's receive buffers now (what is left waits in the backlog)."""
         if frames and self.capture is not None:
             self.capture.write_many(frames)
             self.capture.flush()
@@ -396,7 +457,7 @@ class NetDevice(VirtioDevice):
         take the general :meth:`deliver` path.  Returns frames placed.
         """
         queue = self.rx_queues.get(pair)
-        if queue is None or self.backlog or self.capture is not None:
+        if queue is None or self.backlog or self.capture is not None or self._rx_lane is not None:
             return self.deliver(stream.take(limit), pair) if queue is not None else 0
         size = stream.size
         need = HDR + size

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+import time
+from typing import Any, Optional
 
 from simvirt.devices.net.device import NetDevice
 from simvirt.net.responder import Responder, UdpStream
@@ -29,6 +30,10 @@ class ResponderPeer:
         self.responder = Responder()
         self._stream: Optional[UdpStream] = None
         self._stream_task: Optional[asyncio.Task] = None
+        self._rate: Optional[float] = None  # frames per second, None = as fast as buffers allow
+        self._paced_t0 = 0.0
+        self._paced_sent = 0
+        self._stream_port = 0
 
     def send(self, frames: list[bytes]) -> None:
         receive = self.responder.receive
@@ -38,9 +43,18 @@ class ResponderPeer:
         if out:
             self.device.deliver(out, self.device.tx_pair)
 
-    def start_stream(self, frame_size: int, port: int = 5001) -> None:
-        """Stream UDP frames into the guest as fast as it posts buffers (rx throughput)."""
+    def start_stream(self, frame_size: int, port: int = 5001, rate_pps: Optional[float] = None) -> None:
+        """Stream UDP frames into the guest as fast as it posts buffers (rx throughput),
+        or at most ``rate_pps`` frames per second. Replaces a stream already running."""
+        if rate_pps is not None and not rate_pps > 0:
+            raise ValueError(f"rate_pps must be > 0, not {rate_pps}")
+        if not 0 < port < 65536:
+            raise ValueError(f"port must be 1..65535, not {port}")
         self._stream = UdpStream(frame_size, dst_mac=self.device.mac, dst_port=port)
+        self._stream_port = port
+        self._rate = rate_pps
+        self._paced_t0 = time.monotonic()
+        self._paced_sent = 0
         if self._stream_task is None:
             self._stream_task = self.loop.create_task(self._pump())
 
@@ -50,9 +64,27 @@ class ResponderPeer:
             self._stream_task.cancel()
             self._stream_task = None
 
+    def stream_info(self) -> dict[str, Any]:
+        st = self._stream
+        if st is None:
+            return {"running": False}
+        return {"running": True, "frame_size": st.size, "port": self._stream_port, "rate_pps": self._rate,
+                "frames": st.frames}
+
+    def _allowance(self) -> int:
+        """Frames the pacing lets out now (at most 5 ms worth at once after a stall)."""
+        rate = self._rate
+        assert rate is not None
+        target = int((time.monotonic() - self._paced_t0) * rate) + 1
+        burst = max(1, int(rate * 0.005))
+        if target - self._paced_sent > burst:  # the guest had no buffers for a while: no catch-up flood
+            self._paced_sent = target - burst
+        return target - self._paced_sent
+
     async def _pump(self) -> None:
         dev = self.device
         while self._stream is not None:
+            stream = self._stream
             q = dev.rx_queues.get(0)
             if q is None:
                 await asyncio.sleep(0.01)  # no guest (yet)
@@ -61,8 +93,21 @@ class ResponderPeer:
             if room and dev.backlog:
                 dev.deliver([])  # buffers arrived without a kick reaching us: drain the backlog first
                 await asyncio.sleep(0)
-            elif room:
-                dev.deliver_stream(self._stream, min(room, 256))
+                continue
+            # Frames an rx impairment holds are in flight: they will need those buffers.
+            room -= dev.rx_held()
+            if room > 0 and self._rate is not None:
+                allowed = self._allowance()
+                if allowed <= 0:
+                    # The next frame is due when (now - t0) * rate reaches the frames sent.
+                    due = self._paced_t0 + self._paced_sent / self._rate
+                    await asyncio.sleep(max(0.0002, due - time.monotonic()))
+                    continue
+                room = min(room, allowed)
+            if room > 0:
+                before = stream.frames
+                dev.deliver_stream(stream, min(room, 256))
+                self._paced_sent += stream.frames - before
                 await asyncio.sleep(0)
             else:
                 await asyncio.sleep(0.0001)

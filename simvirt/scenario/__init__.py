@@ -1,0 +1,1 @@
+"""Scripted load scenarios: a machine of VMs, a timeline of phases, results and plots."""
