@@ -38,6 +38,7 @@ class JobRunner:
         self.errors = 0
         self.hist = LatencyHistogram()
         self.started = 0.0
+        self.ended: Optional[float] = None     # when the load stopped, if checks ran after it
         self.elapsed = 0.0
 
     def latency(self) -> LatencyHistogram:
@@ -51,7 +52,7 @@ class JobRunner:
         try:
             await self._run(deadline)
         finally:
-            self.elapsed = max(1e-9, time.monotonic() - self.started)
+            self.elapsed = max(1e-9, (self.ended or time.monotonic()) - self.started)
 
     async def _run(self, deadline: float) -> None:
         raise NotImplementedError
@@ -121,6 +122,7 @@ class BlkRunner(JobRunner):
         runtime = max(0.0, min(self.runtime, deadline - time.monotonic()))
         self.started = time.monotonic()
         await asyncio.gather(*(w.run(runtime) for w in self.works))
+        self.ended = time.monotonic()
         if spec.verify:
             bad = 0
             for w in self.works:
@@ -154,41 +156,48 @@ class BlkRunner(JobRunner):
 
 
 class PingRunner(JobRunner):
-    """ping -i INTERVAL -s SIZE: one echo request at a time, interval counted from each send."""
+    """ping -i INTERVAL -s SIZE -W 1: a request every interval whatever the replies do;
+    ``interval = 0`` is ping -f (the next request when the reply is in)."""
 
     rate_unit = "pings/s"
+    TIMEOUT = 1.0
 
     def __init__(self, spec: PingJob, m: "Machine") -> None:
         super().__init__(spec)
         self.stack = m.nets[spec.device]
         self.sent = self.lost = 0
 
+    async def _one(self, target: bytes, seq: int, payload: bytes) -> None:
+        try:
+            rtt = await self.stack.ping(target, seq, payload=payload, timeout=self.TIMEOUT)
+        except TimeoutError:             # ARP unanswered: the peer is unreachable
+            rtt = None
+        if rtt is None:
+            self.lost += 1
+            self.errors += 1
+        else:
+            self.ops += 1
+            self.hist.append(rtt)
+
     async def _run(self, deadline: float) -> None:
         spec = self.spec
         assert isinstance(spec, PingJob)
         target = ip_bytes(spec.target)
         payload = bytes(spec.size)
+        pending: set[asyncio.Task] = set()
+        next_t = time.monotonic()
         while time.monotonic() < deadline:
-            t = time.monotonic()
-            try:
-                rtt = await self.stack.ping(target, self.sent, payload=payload,
-                                            timeout=max(0.05, min(1.0, deadline - t)))
-            except TimeoutError:         # ARP unanswered: the peer is unreachable
-                rtt = None
-            self.sent += 1
-            if rtt is None:
-                self.lost += 1
-                self.errors += 1
-            else:
-                self.ops += 1
-                self.hist.append(rtt)
-            wait = t + spec.interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-
-    def detail(self) -> dict[str, Any]:
-        return {"ping": {"target": self.spec.target, "sent": self.sent, "lost": self.lost}}  # type: ignore[union-attr]
-
+            seq, self.sent = self.sent, self.sent + 1
+            if not spec.interval:
+                await self._one(target, seq, payload)
+                continue
+            task = asyncio.ensure_future(self._one(target, seq, payload))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            next_t += spec.interval
+            await asyncio.sleep(max(0.0, min(next_t, deadline) - time.monotonic()))
+        if pending:          # the last requests get their full timeout, as ping -w does
+            await asyncio.gather(*pending)
 
 class TxRunner(JobRunner):
     """UDP frames from the guest to ``target``:``port`` as fast as the ring takes them (or ``rate_pps``)."""

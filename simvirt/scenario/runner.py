@@ -187,7 +187,9 @@ class ScenarioRun:
             faults += out["faults"]
             errors += [f"VM {vm}: {e}" for e in out["errors"]]
         # Errors are the point where a phase injects them (loss, I/O errors, faults): not failures.
-        expected = {(i.vm, i.device) for i in phase.impairments if getattr(i, "loss", 0) or getattr(i, "error_rate", 0)}
+        # A rate limit drops what overflows its queue, as netem's does.
+        expected = {(i.vm, i.device) for i in phase.impairments
+                    if getattr(i, "loss", 0) or getattr(i, "error_rate", 0) or getattr(i, "rate", None)}
         expected |= {(f.vm, f.device) for f in phase.faults}
         for j in jobs:
             j["expect_errors"] = (j["vm"], j["device"]) in expected

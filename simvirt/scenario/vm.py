@@ -88,8 +88,7 @@ class PhaseRun:
                 r.errors += 1
                 self.errors.append(f"{r.spec.name}: {type(out).__name__}: {out}")
         await asyncio.gather(*fault_tasks)
-        sampler.cancel()
-        self._take_sample(time.monotonic(), final=True)
+        await sampler
         for dev in impaired:
             await self._impair(dev, {"cmd": "impair"})
         jobs = []
@@ -115,16 +114,17 @@ class PhaseRun:
         self._last = {r.spec.name: (0, 0, r.latency().snapshot()) for r in self.runners}
         self._last_t = self.start
         k = 1
-        while True:
+        # Whole seconds, then the phase end itself: work after it (verification reads) is not load.
+        while self.start + k * SAMPLE_S < self.end - 0.05:
             await asyncio.sleep(max(0.0, self.start + k * SAMPLE_S - time.monotonic()))
             self._take_sample(time.monotonic())
             k += 1
+        await asyncio.sleep(max(0.0, self.end - time.monotonic()))
+        self._take_sample(time.monotonic())
 
-    def _take_sample(self, now: float, final: bool = False) -> None:
-        if not hasattr(self, "_last"):
-            return
+    def _take_sample(self, now: float) -> None:
         dt = now - self._last_t
-        if dt < (0.05 if final else 1e-3):
+        if dt < 1e-3:
             return
         for r in self.runners:
             r.refresh()
