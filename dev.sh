@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # simvirt's two entry points for a new machine:
-#   ./dev.sh run [simvirt run args]   run the default machine (embedded configs/default.toml)
+#   ./dev.sh run [simvirt run args]   run the default scenario (or ./dev.sh run SCENARIO-or-CONFIG)
 #   ./dev.sh test [pytest args]       install everything and run the whole test suite
 # Each creates what it needs: a virtualenv in .venv with simvirt installed,
 # and (test, as root) the Debian packages of the interop peers and the guest image.

@@ -8,8 +8,8 @@ simulated time.
 """
 from simvirt.impair.blk import BlkLimiter
 from simvirt.impair.bucket import TokenBucket
-from simvirt.impair.delayline import DelayLine
+from simvirt.impair.delayline import DelayLine, Timer
 from simvirt.impair.netem import NetEm
 from simvirt.impair.settings import BlkSettings, NetSettings
 
-__all__ = ["BlkLimiter", "BlkSettings", "DelayLine", "NetEm", "NetSettings", "TokenBucket"]
+__all__ = ["BlkLimiter", "BlkSettings", "DelayLine", "NetEm", "NetSettings", "Timer", "TokenBucket"]

@@ -46,6 +46,12 @@ class NetEm:
     def dropped(self) -> int:
         return self.lost + self.overlimit
 
+    def hold_after(self, t: float) -> None:
+        """Frames admitted from now on leave no earlier than ``t`` (frames already on the wire, e.g.
+        held under a previous setting, stay ahead of them)."""
+        if t > self._last:
+            self._last = t
+
     def admit(self, length: int, now: float) -> Optional[float]:
         """The release time of a ``length``-byte frame arriving at ``now``, or None if it is dropped."""
         if self.loss and self.rng.random() < self.loss:

@@ -132,9 +132,16 @@ def test_settings_parse_and_validate():
 
 # -- the delay line, with a fake loop --------------------------------------------------------
 class FakeLoop:
+    """Simulated time and a Timer (simvirt.impair.delayline.Timer) on it."""
+
+    spin_below = 0.001
+
     def __init__(self) -> None:
         self.now = 0.0
         self.timers: list[tuple[float, object]] = []
+
+    def close(self) -> None:
+        pass
 
     def call_later(self, delay, cb):
         entry = [self.now + delay, cb, False]
@@ -146,22 +153,24 @@ class FakeLoop:
         return H()
 
     def run_until(self, t: float, early: float = 0.0) -> None:
-        """Fire timers in time order up to ``t``; ``early`` fires each that much before its time (uvloop)."""
-        while True:
+        """Fire timers in time order up to ``t``; ``early`` fires each up to that much before its
+        time (uvloop's millisecond timers), each loop iteration taking 10 us."""
+        for _ in range(10_000):
             live = [e for e in self.timers if not e[2] and e[0] - early <= t]
             if not live:
                 self.now = t
                 return
             e = min(live, key=lambda e: e[0])
             self.timers.remove(e)
-            self.now = max(self.now, e[0] - early)
+            self.now = max(self.now + 1e-5, e[0] - early)
             e[1]()
+        raise AssertionError("timers never settle")
 
 
 def test_delay_line_releases_in_order_never_early():
     loop = FakeLoop()
     out: list[tuple[float, list[str]]] = []
-    line = DelayLine(lambda items: out.append((loop.now, items)), lambda: loop.now, loop.call_later)
+    line = DelayLine(lambda items: out.append((loop.now, items)), lambda: loop.now, loop)
     line.push(0.002, "a")
     line.push(0.002, "b")
     line.push(0.001, "c")  # earlier than the last: raised to it (FIFO)
@@ -175,7 +184,7 @@ def test_delay_line_releases_in_order_never_early():
 def test_delay_line_flush_and_take():
     loop = FakeLoop()
     out = []
-    line = DelayLine(out.append, lambda: loop.now, loop.call_later)
+    line = DelayLine(out.append, lambda: loop.now, loop)
     line.push(1.0, 1)
     line.push(2.0, 2)
     assert [x for _, x in line.take()] == [1, 2]

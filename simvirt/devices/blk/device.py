@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.devices.blk import spec as s
-from simvirt.devices.blk.impair import BlkImpairer, CallLater, Clock, make_impairer
+from simvirt.devices.blk.impair import BlkImpairer, Clock, TimerFactory, make_impairer
 from simvirt.devices.blk.storage import Storage
 from simvirt.impair.settings import BlkSettings
 from simvirt.memory.guest import GuestAddressError
@@ -137,14 +137,14 @@ class BlkDevice(VirtioDevice):
 
     # -- impairment (simvirt.impair; the control socket's "impair" command) --------------------
     def set_impairment(self, settings: Optional[BlkSettings], *, clock: Optional[Clock] = None,
-                       call_later: Optional[CallLater] = None) -> None:
+                       timers: Optional[TimerFactory] = None) -> None:
         """Replace the impairment; None or all-default settings clear it.
 
         Requests held by the previous one are re-admitted under the new limits
         (in their order), or, when clearing, served at once.
         """
         old = self.impairer
-        new = make_impairer(self, settings, self.impair_stats, clock=clock, call_later=call_later)
+        new = make_impairer(self, settings, self.impair_stats, clock=clock, timers=timers)
         self.impairer = new
         if old is not None:
             if new is None:

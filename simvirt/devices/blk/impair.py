@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from simvirt import metrics
-from simvirt.impair.delayline import DelayLine
+from simvirt.impair.delayline import DelayLine, Timer
 from simvirt.impair.settings import BlkSettings
 from simvirt.virtio.errors import VirtqueueError
 from simvirt.virtio.queue import Queue
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-CallLater = Callable[[float, Callable[[], None]], Any]
+TimerFactory = Callable[[], Timer]  # one timer per queue's line (simvirt.impair.timer.new_timer)
 
 
 def _data_bytes(queue: Queue, head: int) -> int:
@@ -53,13 +53,13 @@ class BlkImpairer:
     """Holds one device's requests until the limiter and the added latency let them through."""
 
     def __init__(self, device: "BlkDevice", settings: BlkSettings, stats: metrics.ImpairStats, *,
-                 clock: Clock, call_later: CallLater) -> None:
+                 clock: Clock, timers: TimerFactory) -> None:
         self.device = device
         self.settings = settings
         self.limiter = settings.limiter()
         self.stats = stats
         self.clock = clock
-        self.call_later = call_later
+        self.timers = timers
         self._lines: dict[int, DelayLine[int]] = {}
         self._queues: dict[int, tuple[Queue, metrics.QueueStats]] = {}
 
@@ -76,7 +76,7 @@ class BlkImpairer:
         line = self._lines.get(index)
         if line is None:
             line = self._lines[index] = DelayLine(lambda due, i=index: self._release(i, due), self.clock,
-                                                  self.call_later)
+                                                  self.timers())
         lim = self.limiter
         latency = lim.latency
         limits = lim.limits
@@ -142,6 +142,7 @@ class BlkImpairer:
         if line is None or q is None:
             return
         held = [head for _, head in line.take()]
+        line.close()
         if held:
             self.stats.held -= len(held)
             self._complete(q[0], q[1], held, inject=True)
@@ -162,6 +163,7 @@ class BlkImpairer:
         by_queue: dict[int, list] = {}
         for _, index, queue, qstats, head in self.take_held():
             by_queue.setdefault(index, [queue, qstats, []])[2].append(head)
+        self.close()
         for index, (queue, qstats, heads) in by_queue.items():
             self._complete(queue, qstats, heads, inject=False)
             self.device.signal(index)
@@ -170,29 +172,43 @@ class BlkImpairer:
         """Take over what a replaced impairment held: re-admitted, in order, under the new limits."""
         now = self.clock()
         completed = set()
-        for _, index, queue, qstats, head in old.take_held():
+        held = old.take_held()
+        old.close()
+        for _, index, queue, qstats, head in held:
             if self.admit(index, queue, qstats, [head], now):
                 completed.add(index)
         for index in completed:
             self.device.signal(index)
 
     def forget(self) -> None:
-        """Device reset: every ring has stopped already; drop any timer left."""
+        """Device reset: every ring has stopped already; drop anything left."""
         for line in self._lines.values():
-            self.stats.held -= len(line.take())
-        self._lines.clear()
+            self.stats.held -= len(line)
+        self.close()
         self._queues.clear()
+
+    def close(self) -> None:
+        """Free the lines' timers (what they hold is dropped: take or release it first)."""
+        for line in self._lines.values():
+            line.close()
+        self._lines.clear()
 
     def held(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
 
 def make_impairer(device: "BlkDevice", settings: Optional[BlkSettings], stats: metrics.ImpairStats, *,
-                  clock: Optional[Clock] = None, call_later: Optional[CallLater] = None) -> Optional[BlkImpairer]:
-    """An impairer for ``settings``, or None if they impair nothing (the device's fast path then)."""
+                  clock: Optional[Clock] = None, timers: Optional[TimerFactory] = None) -> Optional[BlkImpairer]:
+    """An impairer for ``settings``, or None if they impair nothing (the device's fast path then).
+
+    Default: ``time.monotonic`` and timerfds on the running loop.
+    """
     if settings is None or not settings.active:
         return None
-    if call_later is None:
+    if timers is None:
         import asyncio
-        call_later = asyncio.get_running_loop().call_later
-    return BlkImpairer(device, settings, stats, clock=clock or time.monotonic, call_later=call_later)
+
+        from simvirt.impair.timer import new_timer
+        loop = asyncio.get_running_loop()
+        timers = lambda: new_timer(loop)  # noqa: E731
+    return BlkImpairer(device, settings, stats, clock=clock or time.monotonic, timers=timers)

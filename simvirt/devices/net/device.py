@@ -324,11 +324,11 @@ class NetDevice(VirtioDevice):
             self.tx_pair = saved
 
     # -- impairment (simvirt.impair; the control socket's "impair" command) --------------------
-    def set_impairment(self, settings: Optional[NetSettings], *, clock=None, call_later=None) -> None:
+    def set_impairment(self, settings: Optional[NetSettings], *, clock=None, timers=None) -> None:
         """Replace the impairment; None or all-default settings clear it (held frames go at once)."""
         sinks = {"tx": self._send_later, "rx": self._place}
         self.impairer = _impair.replace(self.impairer, settings, sinks, self.impair_counts, self.impair_stats,
-                                        clock=clock, call_later=call_later)
+                                        clock=clock, timers=timers)
         self._tx_lane = self.impairer.lane("tx") if self.impairer is not None else None
         self._rx_lane = self.impairer.lane("rx") if self.impairer is not None else None
 

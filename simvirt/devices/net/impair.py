@@ -15,12 +15,12 @@ import time
 from typing import Any, Callable, Optional
 
 from simvirt import metrics
-from simvirt.impair.delayline import DelayLine
+from simvirt.impair.delayline import DelayLine, Timer
 from simvirt.impair.netem import NetEm
 from simvirt.impair.settings import NetSettings
 
 Clock = Callable[[], float]
-CallLater = Callable[[float, Callable[[], None]], Any]
+TimerFactory = Callable[[], Timer]  # one timer per direction's line (simvirt.impair.timer.new_timer)
 Sink = Callable[[list[bytes], int], Any]  # (frames, queue pair)
 
 
@@ -28,13 +28,13 @@ class Lane:
     """One direction: the model, the frames it holds, and where they go when due."""
 
     def __init__(self, netem: NetEm, sink: Sink, counts: dict[str, int], stats: metrics.ImpairStats, *,
-                 clock: Clock, call_later: CallLater) -> None:
+                 clock: Clock, timer: Timer) -> None:
         self.netem = netem
         self.sink = sink
         self.counts = counts  # this direction's running totals (kept by the device across settings)
         self.stats = stats
         self.clock = clock
-        self.line: DelayLine[tuple[bytes, int]] = DelayLine(self._release, clock, call_later)
+        self.line: DelayLine[tuple[bytes, int]] = DelayLine(self._release, clock, timer)
 
     def __len__(self) -> int:
         return len(self.line)
@@ -89,6 +89,11 @@ class Lane:
         """Forget what is held (the receiving guest went away); returns how many."""
         return len(self.take())
 
+    def close(self) -> None:
+        """Free the timer (take or flush what is held first)."""
+        self.stats.held -= len(self.line)
+        self.line.close()
+
     def adopt(self, held: list[tuple[float, tuple[bytes, int]]]) -> None:
         """Frames a replaced impairment held keep their release times (they are on the wire);
         new frames queue behind them."""
@@ -96,19 +101,19 @@ class Lane:
             self.line.push(t, item)
             self.stats.held += 1
         if held:
-            self.netem._last = max(self.netem._last, held[-1][0])  # noqa: SLF001 - the FIFO floor
+            self.netem.hold_after(held[-1][0])
 
 
 class NetImpairer:
     """The lanes of one device's impairment (``tx``, ``rx``, or both)."""
 
     def __init__(self, settings: NetSettings, sinks: dict[str, Sink], counts: dict[str, dict[str, int]],
-                 stats: metrics.ImpairStats, *, clock: Clock, call_later: CallLater) -> None:
+                 stats: metrics.ImpairStats, *, clock: Clock, timers: TimerFactory) -> None:
         self.settings = settings
         self.lanes: dict[str, Lane] = {}
         for d in ("tx", "rx"):
             if settings.applies(d):
-                self.lanes[d] = Lane(settings.netem(d), sinks[d], counts[d], stats, clock=clock, call_later=call_later)
+                self.lanes[d] = Lane(settings.netem(d), sinks[d], counts[d], stats, clock=clock, timer=timers())
 
     def lane(self, direction: str) -> Optional[Lane]:
         return self.lanes.get(direction)
@@ -116,18 +121,22 @@ class NetImpairer:
 
 def replace(old: Optional[NetImpairer], settings: Optional[NetSettings], sinks: dict[str, Sink],
             counts: dict[str, dict[str, int]], stats: metrics.ImpairStats, *, clock: Optional[Clock] = None,
-            call_later: Optional[CallLater] = None) -> Optional[NetImpairer]:
+            timers: Optional[TimerFactory] = None) -> Optional[NetImpairer]:
     """The impairer for ``settings`` (None if they impair nothing), taking over what ``old`` held.
 
     A direction that stays impaired keeps its held frames on their schedule;
-    one that no longer is releases them at once.
+    one that no longer is releases them at once. Default clock and timers:
+    ``time.monotonic`` and timerfds on the running loop.
     """
     new = None
     if settings is not None and settings.active:
-        if call_later is None:
+        if timers is None:
             import asyncio
-            call_later = asyncio.get_running_loop().call_later
-        new = NetImpairer(settings, sinks, counts, stats, clock=clock or time.monotonic, call_later=call_later)
+
+            from simvirt.impair.timer import new_timer
+            loop = asyncio.get_running_loop()
+            timers = lambda: new_timer(loop)  # noqa: E731
+        new = NetImpairer(settings, sinks, counts, stats, clock=clock or time.monotonic, timers=timers)
     if old is not None:
         for d, lane in old.lanes.items():
             keep = new.lane(d) if new is not None else None
@@ -135,4 +144,5 @@ def replace(old: Optional[NetImpairer], settings: Optional[NetSettings], sinks: 
                 lane.flush()
             else:
                 keep.adopt(lane.take())
+            lane.close()
     return new
