@@ -199,6 +199,9 @@ class PingRunner(JobRunner):
         if pending:          # the last requests get their full timeout, as ping -w does
             await asyncio.gather(*pending)
 
+    def detail(self) -> dict[str, Any]:
+        return {"ping": {"target": self.spec.target, "sent": self.sent, "lost": self.lost}}  # type: ignore[union-attr]
+
 class TxRunner(JobRunner):
     """UDP frames from the guest to ``target``:``port`` as fast as the ring takes them (or ``rate_pps``)."""
 

@@ -275,8 +275,21 @@ async def run_scenario(scenario: Scenario, scenario_arg: str, *, scale: float = 
             "elapsed_s": round(time.monotonic() - t0, 2), "vms": vms, "phases": phases, "ok": ok, "errors": errors}
 
 
+_NET_KINDS = ("ping", "udp-rr", "tx", "rx")
+
+
 def _job_ok(job: dict) -> bool:
-    """A job failed if it saw errors it was not meant to see, or its data did not verify."""
+    """Did the job work as designed?
+
+    Storage: any error the phase did not inject, or data that does not
+    verify, is a failure. Networks lose packets by nature (a flood, a full
+    queue): loss is a measurement, reported, and fails a job only when
+    nothing got through at all where nothing was injected.
+    """
     if job.get("verified") is False:
         return False
-    return job.get("expect_errors", False) or not job["summary"]["errors"]
+    if job.get("expect_errors", False):
+        return True
+    if job["kind"] in _NET_KINDS:
+        return job["summary"]["rate"] > 0
+    return not job["summary"]["errors"]
