@@ -39,10 +39,19 @@ def format_rate(summary: dict[str, Any], job: dict[str, Any]) -> str:
     unit = summary.get("rate_unit") or ""
     if unit:
         return f"{summary.get('rate', 0.0):,.1f} {unit}"
-    detail = next((job[k] for k in _ONE_SHOT_KINDS if isinstance(job.get(k), dict)), None)
-    if detail is None:
-        return "-"
-    return " ".join(f"{k}={v}" for k, v in detail.items())
+    b, p = job.get("balloon"), job.get("pressure")
+    if isinstance(b, dict):
+        took = b.get("took_s")
+        return f"→ {_mib(b.get('target'))} " + (f"in {took:.2f} s" if took is not None else "[red]not reached[/]")
+    if isinstance(p, dict):
+        if p.get("error"):
+            return f"[red]{_mib(p.get('allocated'))} of {_mib(p.get('size'))}[/]"
+        return f"{_mib(p.get('allocated'))} in {p.get('took_s', 0) or 0:g} s"
+    return "-"
+
+
+def _mib(n: Any) -> str:
+    return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) else "?"
 
 
 def _check(job: dict[str, Any]) -> str:
@@ -96,7 +105,6 @@ def summary_table(results: dict[str, Any]) -> Table:
                   caption_justify="left")
     for col, justify in _COLUMNS:
         table.add_column(col, justify=justify)
-    faults: list[str] = []
     for phase in results.get("phases") or []:
         for job in phase.get("jobs") or []:
             s = job.get("summary") or {}
@@ -106,11 +114,9 @@ def summary_table(results: dict[str, Any]) -> Table:
                 phase.get("name", "?"), job.get("name", "?"), f"{job.get('vm', '?')}/{job.get('device') or '-'}",
                 job.get("kind", "?"), format_rate(s, job),
                 f"{s.get('bw_bytes', 0.0) / 1e6:,.1f}" if s.get("rate_unit") else "-",
-                format_latency(lat.get("p50")), format_latency(lat.get("p99")),
+                *((format_latency(lat.get("p50")), format_latency(lat.get("p99"))) if s.get("rate_unit")
+                  else ("-", "-")),
                 f"[bold red]{errors}[/]" if errors else "0", _check(job))
-        faults.extend(describe_fault(phase, f) for f in phase.get("faults") or [])
-    if faults:
-        table.caption = "\n".join(faults)
     return table
 
 
@@ -135,6 +141,8 @@ def render_summary(console: Console, results: dict[str, Any]) -> None:
     for phase in results.get("phases") or []:
         for imp in phase.get("impairments") or []:
             console.print(f"impairment {phase.get('name', '?')}: {describe_impairment(imp)}", highlight=False)
+        for fault in phase.get("faults") or []:
+            console.print(describe_fault(phase, fault), highlight=False)
     for err in results.get("errors") or []:
         console.print(f"[red]error:[/] {err}", highlight=False)
     console.print("[bold green]OK[/]" if results.get("ok") else "[bold red]FAILED[/]")

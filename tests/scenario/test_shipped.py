@@ -61,16 +61,16 @@ def test_default(tmp_path):
     _common(res, "default", 0.5)
     assert res["ok"], res["errors"]
     w = jobs(res, "warmup")
-    assert w["vm0/blk-vda-0"]["verified"] is True and w["vm0/blk-vda-0"]["write"]["ios"] > 100
-    assert w["vm0/ping-net0-1"]["ping"]["lost"] == 0
+    assert w["vm0/disk"]["verified"] is True and w["vm0/disk"]["write"]["ios"] > 100
+    assert w["vm0/ping"]["ping"]["lost"] == 0
     m = jobs(res, "mixed")
-    blk = m["vm0/blk-vda-0"]
+    blk = m["vm0/disk"]
     assert blk["read"]["ios"] > 0 and blk["write"]["ios"] > 0 and blk["verified"] is True
-    assert m["vm0/balloon-balloon0-2"]["balloon"]["took_s"] is not None
+    assert m["vm0/balloon"]["balloon"]["took_s"] is not None
     sq = jobs(res, "squeezed")
     # The 2000 IOPS limit: the phase (2 s here) cannot beat one second's burst plus the rate.
-    assert sq["vm0/blk-vda-0"]["summary"]["rate"] < 2000 * 2.1
-    assert sq["vm0/ping-net0-1"]["summary"]["lat_us"]["p50"] >= 1000
+    assert sq["vm0/disk"]["summary"]["rate"] < 2000 * 2.1
+    assert sq["vm0/ping"]["summary"]["lat_us"]["p50"] >= 1000
 
 
 def test_blk_qd_sweep(tmp_path):
@@ -198,10 +198,10 @@ delay = "2ms"
 """)
     res = run(str(f), 1.0, tmp_path / "out")
     assert res["ok"], res["errors"]
-    blk = jobs(res, "limited")["vm0/blk-vda-0"]
+    blk = jobs(res, "limited")["vm0/disk"]
     # The steady state (whole seconds after the first, which may spend the bucket's initial fill).
     steady = [t["rate"] for t in blk["timeline"][1:] if t["t"] <= blk["timeline"][-1]["t"] - 0.5]
     assert steady and abs(statistics.median(steady) - 1000) <= 50, blk["timeline"]
     clean = jobs(res, "clean")["vm0/ping-net0-0"]["summary"]["lat_us"]["p50"]
-    delayed = jobs(res, "limited")["vm0/ping-net0-1"]["summary"]["lat_us"]["p50"]
+    delayed = jobs(res, "limited")["vm0/ping"]["summary"]["lat_us"]["p50"]
     assert 2000 <= delayed - clean <= 4000
