@@ -71,8 +71,17 @@ def dashboard(uid: str, title: str, panels: list[tuple[str, str, str]]) -> dict:
     return {
         "uid": f"simvirt-{uid}", "title": title, "tags": ["simvirt"], "timezone": "browser",
         "schemaVersion": 38, "version": 1, "refresh": "5s", "time": {"from": "now-15m", "to": "now"},
-        "templating": {"list": []}, "annotations": {"list": []}, "panels": out,
+        "templating": {"list": []}, "annotations": {"list": [PHASES]}, "panels": out,
     }
+
+
+# Scenario phases as annotation regions on every dashboard: Grafana turns each
+# series' consecutive non-zero samples into one region titled with its phase.
+PHASES = {
+    "name": "scenario phases", "datasource": DS, "enable": True, "iconColor": "rgba(255, 152, 48, 0.6)",
+    "expr": "simvirt_scenario_phase > 0", "step": "1s", "titleFormat": "{{phase}}",
+    "textFormat": "scenario {{scenario}}, phase {{index}}", "useValueForTime": False,
+}
 
 
 def main() -> None:
