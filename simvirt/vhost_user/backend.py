@@ -68,6 +68,7 @@ class Vring:
     enabled: bool = False
     queue: Optional[Queue] = None
     stats: Optional[metrics.QueueStats] = None
+    resumed: bool = False          # built over a ring with history: interrupt once when it goes live
 
     @property
     def active(self) -> bool:
@@ -449,11 +450,18 @@ class BackendSession:
         if vr.queue is None:
             vr.queue = self._build_queue(vr, vr.base, None)
             self._attach_inflight(vr, vr.queue)
+            vr.resumed = vr.queue.next_used != 0
             if vr.stats is None:
                 vr.stats = metrics.QueueStats(self.device.vm, self.device.label, str(vr.index))
         if vr.enabled and vr.kick_fd >= 0:
             self.hooks.watch_kick(vr.index, vr.kick_fd)
             self.device.queue_started(vr.index, vr.queue)
+            if vr.resumed:
+                # A backend that died between publishing used entries and writing the call
+                # eventfd left the driver waiting for an interrupt that never comes (a guest
+                # at queue depth 1 then hangs for good). One spurious interrupt is harmless.
+                vr.resumed = False
+                vr.signal()
 
     def _stop(self, vr: Vring) -> None:
         if vr.active and vr.kick_fd >= 0:

@@ -112,7 +112,7 @@ def test_summary_text_shows_rates_latencies_and_checks() -> None:
     assert "verified" in text and "NOT verified" in text
     assert "0/500 lost" in text
     assert "4 drops" in text
-    assert "→ 128 MiB in 0.2 s" in text
+    assert "→ 128 MiB in 0.20 s" in text
 
 
 def test_fault_line_says_what_the_guest_saw() -> None:

@@ -198,10 +198,10 @@ delay = "2ms"
 """)
     res = run(str(f), 1.0, tmp_path / "out")
     assert res["ok"], res["errors"]
-    blk = jobs(res, "limited")["vm0/disk"]
+    blk = jobs(res, "limited")["vm0/blk-vda-0"]
     # The steady state (whole seconds after the first, which may spend the bucket's initial fill).
     steady = [t["rate"] for t in blk["timeline"][1:] if t["t"] <= blk["timeline"][-1]["t"] - 0.5]
     assert steady and abs(statistics.median(steady) - 1000) <= 50, blk["timeline"]
     clean = jobs(res, "clean")["vm0/ping-net0-0"]["summary"]["lat_us"]["p50"]
-    delayed = jobs(res, "limited")["vm0/ping"]["summary"]["lat_us"]["p50"]
+    delayed = jobs(res, "limited")["vm0/ping-net0-1"]["summary"]["lat_us"]["p50"]
     assert 2000 <= delayed - clean <= 4000

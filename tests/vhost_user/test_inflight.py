@@ -155,6 +155,49 @@ def test_crash_between_publishing_used_and_clearing_inflight_is_not_a_duplicate(
     assert [t for t, _ in dq.pop_used()] == [2] and dq.in_flight == 0
 
 
+def test_a_resumed_ring_interrupts_once_for_completions_the_dead_backend_never_signalled(started):
+    """The dead backend published a used entry and died before writing the call eventfd: the
+    driver (at queue depth 1) would wait for ever. The new backend interrupts once at start."""
+    env, dq, fd, size = started
+    _post_get_ids(env, dq, 1)
+    q = env.s.vrings[0].queue
+    (head,) = q.pop_heads()
+    q.add_used(head, 21)              # ...and no signal: killed here
+    _crash_and_replace(env)
+    _start(env, dq.size, fd, size)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    u = env.mem.gpa_to_user
+    env.ok(Request.SET_VRING_NUM, p.encode_vring_state(0, dq.size))
+    env.ok(Request.SET_VRING_BASE, p.encode_vring_state(0, dq.device_used_idx()))
+    env.ok(Request.SET_VRING_ADDR, p.encode_vring_addr(p.VringAddr(0, 0, u(dq.desc_gpa), u(dq.used_gpa),
+                                                                   u(dq.avail_gpa), 0)))
+    env.ok(Request.SET_VRING_CALL, p.encode_u64(0), [os.dup(call)])
+    env.ok(Request.SET_VRING_KICK, p.encode_u64(0), [os.eventfd(0, os.EFD_NONBLOCK)])
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(call)         # not before the ring is live
+    env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(0, 1))
+    assert os.eventfd_read(call) == 1
+    assert [t for t, _ in dq.pop_used()] == [0]
+    env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(0, 0))
+    env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(0, 1))
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(call)         # once, not at every enable
+    os.close(call)
+
+
+def test_a_fresh_ring_does_not_interrupt_at_start():
+    env = Env(num_queues=1)
+    try:
+        env.ok(Request.SET_FEATURES, p.encode_u64(FEATURES))
+        env.set_mem_table()
+        dq, _, call = env.setup_ring(0, size=8)
+        env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(0, 1))
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(call)
+    finally:
+        env.close()
+
+
 def test_without_inflight_area_a_restart_resumes_at_the_base_it_is_given():
     env = Env(num_queues=1)
     try:
