@@ -163,6 +163,7 @@ class ScenarioRun:
         results = [asyncio.ensure_future(v.request({"cmd": "result", "index": index},
                                                    timeout=phase.duration + 120)) for v in self.vms.values()]
         last: dict[str, tuple[float, int, int]] = {}
+        self.live_rates.clear()           # this phase's jobs only
         try:
             while not all(r.done() for r in results):
                 await asyncio.wait(results, timeout=0.5)
