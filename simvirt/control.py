@@ -114,6 +114,16 @@ async def arequest(path: str, msg: dict, timeout: float = 10.0) -> dict:
         writer.close()
 
 
+def impair_command(device, settings_cls, req: dict) -> dict:
+    """The ``impair`` command of blk and net devices: parse strictly, replace, report what is set."""
+    try:
+        settings = settings_cls.from_request(req)
+    except ValueError as e:
+        raise ControlError(f"impair: {e}") from None
+    device.set_impairment(settings)
+    return {"impair": settings.as_dict()}
+
+
 def balloon_handler(device) -> Handler:
     """Commands a balloon device process understands."""
     from simvirt.sizes import parse_size

@@ -86,16 +86,17 @@ def _crash_and_replace(env: Env) -> None:
                                                        | bit(p.ProtocolFeature.INFLIGHT_SHMFD)))
 
 
-def _restart_ring(env: Env, dq, index: int = 0) -> None:
+def _restart_ring(env: Env, dq, index: int = 0, *, call: int = -1, enable: bool = True) -> None:
     """What the frontend sends a restarted backend: same ring, base = used idx in guest RAM."""
     u = env.mem.gpa_to_user
     env.ok(Request.SET_VRING_NUM, p.encode_vring_state(index, dq.size))
     env.ok(Request.SET_VRING_BASE, p.encode_vring_state(index, dq.device_used_idx()))
     env.ok(Request.SET_VRING_ADDR, p.encode_vring_addr(p.VringAddr(index, 0, u(dq.desc_gpa), u(dq.used_gpa),
                                                                    u(dq.avail_gpa), 0)))
-    env.ok(Request.SET_VRING_CALL, p.encode_u64(index), [os.eventfd(0, os.EFD_NONBLOCK)])
+    env.ok(Request.SET_VRING_CALL, p.encode_u64(index), [os.dup(call) if call >= 0 else os.eventfd(0, os.EFD_NONBLOCK)])
     env.ok(Request.SET_VRING_KICK, p.encode_u64(index), [os.eventfd(0, os.EFD_NONBLOCK)])
-    env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(index, 1))
+    if enable:
+        env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(index, 1))
 
 
 def _serve(env: Env) -> None:
@@ -166,13 +167,7 @@ def test_a_resumed_ring_interrupts_once_for_completions_the_dead_backend_never_s
     _crash_and_replace(env)
     _start(env, dq.size, fd, size)
     call = os.eventfd(0, os.EFD_NONBLOCK)
-    u = env.mem.gpa_to_user
-    env.ok(Request.SET_VRING_NUM, p.encode_vring_state(0, dq.size))
-    env.ok(Request.SET_VRING_BASE, p.encode_vring_state(0, dq.device_used_idx()))
-    env.ok(Request.SET_VRING_ADDR, p.encode_vring_addr(p.VringAddr(0, 0, u(dq.desc_gpa), u(dq.used_gpa),
-                                                                   u(dq.avail_gpa), 0)))
-    env.ok(Request.SET_VRING_CALL, p.encode_u64(0), [os.dup(call)])
-    env.ok(Request.SET_VRING_KICK, p.encode_u64(0), [os.eventfd(0, os.EFD_NONBLOCK)])
+    _restart_ring(env, dq, call=call, enable=False)
     with pytest.raises(BlockingIOError):
         os.eventfd_read(call)         # not before the ring is live
     env.ok(Request.SET_VRING_ENABLE, p.encode_vring_state(0, 1))

@@ -7,7 +7,7 @@ sets the impairment (any subset; missing fields are their defaults, so
 """
 from __future__ import annotations
 
-from simvirt.control import ControlError, Handler
+from simvirt.control import ControlError, Handler, impair_command
 from simvirt.devices.blk.device import BlkDevice
 from simvirt.impair.settings import BlkSettings
 
@@ -16,12 +16,7 @@ def blk_control_handler(device: BlkDevice) -> Handler:
     def handle(req: dict) -> dict:
         cmd = req["cmd"]
         if cmd == "impair":
-            try:
-                settings = BlkSettings.from_request(req)
-            except ValueError as e:
-                raise ControlError(f"impair: {e}") from None
-            device.set_impairment(settings)
-            return {"impair": settings.as_dict()}
+            return impair_command(device, BlkSettings, req)
         if cmd == "info":
             return device.impair_info()
         raise ControlError(f"unknown command {cmd!r} (impair, info)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from simvirt.control import ControlError, Handler
+from simvirt.control import ControlError, Handler, impair_command
 from simvirt.devices.net.device import NetDevice
 from simvirt.devices.net.peers import ResponderPeer
 from simvirt.impair.settings import NetSettings
@@ -54,12 +54,7 @@ def net_control_handler(device: NetDevice, peer: Any, backend: str = "responder"
     def handle(req: dict) -> dict:
         cmd = req["cmd"]
         if cmd == "impair":
-            try:
-                settings = NetSettings.from_request(req)
-            except ValueError as e:
-                raise ControlError(f"impair: {e}") from None
-            device.set_impairment(settings)
-            return {"impair": settings.as_dict()}
+            return impair_command(device, NetSettings, req)
         if cmd == "info":
             out = device.impair_info()
             if isinstance(peer, ResponderPeer):
