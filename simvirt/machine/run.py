@@ -181,6 +181,8 @@ class Machine:
         t0 = time.monotonic()
         self.procs[name].stop()
         stale = [sock] + ([self.balloon_ctl] if self.balloon_ctl and "--control" in args else [])
+        if name in self.controls:
+            stale.append(self.controls[name])
         for path in stale:  # the dead process's socket files: wait for the new one's
             try:
                 os.unlink(path)

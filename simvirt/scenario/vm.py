@@ -109,6 +109,19 @@ class PhaseRun:
         if not reply.get("ok"):
             self.errors.append(f"{device}: impairment refused: {reply.get('error')}")
 
+    async def _reimpair(self, device: str, old_pid: int) -> None:
+        """A restarted device process starts unimpaired: give it the phase's conditions again."""
+        imps = [i for i in self.mine(self.phase.impairments) if i.device == device]
+        path = self.vm.machine.controls.get(device)
+        if not imps or path is None:
+            return
+        m = self.vm.machine
+        while time.monotonic() < self.end:
+            if m.procs[device].proc.pid != old_pid and os.path.exists(path):
+                await self._impair(device, impair_request(imps[0]))
+                return
+            await asyncio.sleep(0.01)
+
     # -- timeline ---------------------------------------------------------
     async def _sample(self) -> None:
         self._last = {r.spec.name: (0, 0, r.latency().snapshot()) for r in self.runners}
@@ -177,6 +190,8 @@ class PhaseRun:
             await asyncio.sleep(0.005)
         if affected and all(progressed):
             out["recovered_s"] = out["guest_saw"]["stall_s"] = round(time.monotonic() - t_fault, 3)
+        if f.action == "kill":
+            await self._reimpair(f.device, pid)
         await asyncio.sleep(max(0.0, self.end - time.monotonic()))
         out["new_pid"] = m.procs[f.device].proc.pid
         saw = out["guest_saw"]

@@ -205,3 +205,38 @@ delay = "2ms"
     clean = jobs(res, "clean")["vm0/ping-net0-0"]["summary"]["lat_us"]["p50"]
     delayed = jobs(res, "limited")["vm0/ping-net0-1"]["summary"]["lat_us"]["p50"]
     assert 2000 <= delayed - clean <= 4000
+
+
+def test_an_impairment_survives_a_device_restart_within_its_phase(tmp_path):
+    """The killed device process comes back unimpaired; the VM sets the phase's conditions again."""
+    f = tmp_path / "kill.toml"
+    f.write_text("""
+[[device]]
+type = "blk"
+name = "vda"
+backend = "null"
+size = "64M"
+[[phase]]
+name = "limited"
+duration = "4s"
+[[phase.job]]
+kind = "blk"
+device = "vda"
+iodepth = 8
+[[phase.impair]]
+device = "vda"
+iops = 500
+[[phase.fault]]
+device = "vda"
+action = "kill"
+at = "0.5s"
+""")
+    res = run(str(f), 1.0, tmp_path / "out")
+    assert res["ok"], res["errors"]
+    (ph,) = res["phases"]
+    (fault,) = ph["faults"]
+    assert fault["new_pid"] != fault["old_pid"] and fault["recovered_s"] is not None
+    (job,) = ph["jobs"]
+    # Whole seconds after the restart settled: the limit holds again (a fresh bucket's fill aside).
+    late = [t["rate"] for t in job["timeline"] if t["t"] >= ph["start_s"] + 2.5]
+    assert late and all(r <= 500 * 1.1 for r in late[-1:]), job["timeline"]
