@@ -298,7 +298,7 @@ async def prefill(drv: VirtioBlkDriver, run: BlkWorkload, o: BlkBenchOptions) ->
     async def one(b: int) -> None:
         async with sem:
             run.gen[b] = 1
-            await drv.write(b * (o.bs // 512), pattern(b, 1, o.bs))
+            await drv.write((run.base_block + b) * (o.bs // 512), pattern(b, 1, o.bs))
 
     await asyncio.gather(*(one(b) for b in range(run.nblocks)))
 
@@ -311,7 +311,7 @@ async def readback(drv: VirtioBlkDriver, run: BlkWorkload, o: BlkBenchOptions) -
     async def one(b: int) -> None:
         nonlocal bad
         async with sem:
-            data = await drv.read(b * (o.bs // 512), o.bs)
+            data = await drv.read((run.base_block + b) * (o.bs // 512), o.bs)
             if data != pattern(b, run.gen[b], o.bs):
                 bad += 1
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -240,3 +241,52 @@ at = "0.5s"
     # Whole seconds after the restart settled: the limit holds again (a fresh bucket's fill aside).
     late = [t["rate"] for t in job["timeline"] if t["t"] >= ph["start_s"] + 2.5]
     assert late and all(r <= 500 * 1.1 for r in late[-1:]), job["timeline"]
+
+
+def test_fio_offset_size_rate_iops_and_numjobs_mean_what_fio_says(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"")
+    os.truncate(img, 8 << 20)
+    f = tmp_path / "fio.toml"
+    f.write_text(f"""
+[[device]]
+type = "blk"
+name = "vda"
+backend = "file:{img}"
+size = "8M"
+[[device]]
+type = "blk"
+name = "vdb"
+backend = "null"
+size = "64M"
+[[phase]]
+name = "p"
+duration = "3s"
+[[phase.job]]
+name = "region"
+kind = "blk"
+device = "vda"
+rw = "randwrite"
+offset = "2M"
+size = "1M"
+iodepth = 4
+verify = true
+[[phase.job]]
+name = "paced"
+kind = "blk"
+device = "vdb"
+rate_iops = 300
+numjobs = 2
+iodepth = 4
+""")
+    res = run(str(f), 1.0, tmp_path / "out")
+    assert res["ok"], res["errors"]
+    jobs_ = jobs(res, "p")
+    assert jobs_["vm0/region"]["verified"] is True and jobs_["vm0/region"]["write"]["ios"] > 50
+    data = img.read_bytes()
+    assert data[:2 << 20] == bytes(2 << 20) and data[3 << 20:] == bytes(5 << 20)   # nothing outside the region
+    written = sum(1 for b in range(256) if data[(2 << 20) + b * 4096:(2 << 20) + (b + 1) * 4096] != bytes(4096))
+    assert written > 50                                                               # and much inside it
+    paced = jobs_["vm0/paced"]
+    assert paced["blk"]["numjobs"] == 2
+    assert abs(paced["summary"]["rate"] - 300) <= 30, paced["summary"]   # shared by the clones, as fio's
