@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("ctl", help="talk to a control socket (device process or simvirt run)")
     ctl.add_argument("control_socket", metavar="SOCKET")
-    ctl.add_argument("ctl_command", metavar="COMMAND", help="balloon SIZE | balloon-stats | info")
+    ctl.add_argument("ctl_command", metavar="COMMAND",
+                     help="balloon SIZE | balloon-stats | info | impair [KEY=VALUE ...] | stream FRAME_SIZE [PPS] | stream stop")
     ctl.add_argument("ctl_args", metavar="ARG", nargs="*")
     ctl.add_argument("--json", action="store_true", help="print the raw reply as JSON")
 

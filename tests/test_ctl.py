@@ -138,3 +138,34 @@ def test_ctl_stale_socket_file(capsys):
 def test_ctl_missing_socket_in_process(capsys):
     assert main(["ctl", "/nonexistent/dir/ctl.sock", "balloon", "64M"]) == 2
     assert "cannot reach control socket /nonexistent/dir/ctl.sock" in capsys.readouterr().err
+
+
+def test_impair_and_stream_requests_use_the_scenario_syntax():
+    assert build_request("impair", ["delay=2ms", "jitter=0.5ms", "loss=1%", "rate=10mbit", "direction=both"]) == {
+        "cmd": "impair", "delay": 0.002, "jitter": 0.0005, "loss": 0.01, "rate": 1e7, "direction": "both"}
+    assert build_request("impair", ["iops=1000", "bandwidth=10M", "error_rate=0.5"]) == {
+        "cmd": "impair", "iops": 1000, "bandwidth": 10 << 20, "error_rate": 0.5}
+    assert build_request("impair", []) == {"cmd": "impair"}          # clears
+    with pytest.raises(ValueError, match="mixes net and blk keys"):
+        build_request("impair", ["delay=2ms", "iops=10"])
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        build_request("impair", ["delay"])
+    with pytest.raises(ValueError, match="loss: expected a fraction"):
+        build_request("impair", ["loss=lots"])
+    assert build_request("stream", ["1514", "2000"]) == {"cmd": "stream", "frame_size": 1514, "rate_pps": 2000.0}
+    assert build_request("stream", ["stop"]) == {"cmd": "stream", "stop": True}
+
+
+def test_ctl_impair_reaches_a_blk_device_and_a_bad_value_is_refused(tmp_path):
+    from simvirt.bench.procs import DeviceProcess
+    ctl = str(tmp_path / "blk.ctl")
+    with DeviceProcess("blk", ["--null", "64M", "--control", ctl]) as _dev:
+        r = simvirt("ctl", ctl, "impair", "iops=1000", "latency=1ms", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["impair"]["iops"] == 1000
+        r = simvirt("ctl", ctl, "info", "--json")
+        assert json.loads(r.stdout)["impair"]["latency"] == 0.001
+        r = simvirt("ctl", ctl, "impair", "delay=2ms")       # a net key at a blk device: the device says no
+        assert r.returncode == 1 and "delay" in r.stderr
+        r = simvirt("ctl", ctl, "impair")
+        assert r.returncode == 0 and json.loads(simvirt("ctl", ctl, "info", "--json").stdout)["impair"] == {}

@@ -486,6 +486,31 @@ _IMPAIRMENTS: dict[str, tuple[type, dict[str, _Conv]]] = {
 }
 
 
+def impairment_values(kind: str, pairs: dict[str, str]) -> dict[str, Any]:
+    """``KEY=VALUE`` words from a command line (``simvirt ctl SOCKET impair delay=2ms loss=1%``),
+    converted as the same keys in a scenario file are: one syntax for both."""
+    if kind not in _IMPAIRMENTS:
+        raise ScenarioError(f"no impairments for a {kind} device (expected net or blk)")
+    fields = _IMPAIRMENTS[kind][1]
+    out: dict[str, Any] = {}
+    for key, text in pairs.items():
+        conv = fields.get(key)
+        if conv is None:
+            raise ScenarioError(f"{key}: unknown {kind} impairment key (expected one of: {', '.join(fields)})")
+        value: Any = text
+        for number in (int, float):     # 500 and 0.05 are numbers, as in TOML
+            try:
+                value = number(text)
+                break
+            except ValueError:
+                continue
+        try:
+            out[key] = conv.fn(value)
+        except _Bad as e:
+            raise ScenarioError(f"{key}: {str(e) or f'expected {conv.expect}, got {_show(value)}'}") from None
+    return out
+
+
 def _impairment(t: _Table, vms: dict[str, VmSpec], phase: Phase) -> NetImpairment | BlkImpairment:
     vm = _target_vm(t, vms)
     dev = _target_device(t, vm)
