@@ -205,7 +205,8 @@ delay = "2ms"
     assert steady and abs(statistics.median(steady) - 1000) <= 50, blk["timeline"]
     clean = jobs(res, "clean")["vm0/ping-net0-0"]["summary"]["lat_us"]["p50"]
     delayed = jobs(res, "limited")["vm0/ping-net0-1"]["summary"]["lat_us"]["p50"]
-    assert 2000 <= delayed - clean <= 4000
+    # Every ping waits 2 ms more; the p50s differ by that, give or take each phase's own noise.
+    assert delayed >= 2000 and 1500 <= delayed - clean <= 4000
 
 
 def test_an_impairment_survives_a_device_restart_within_its_phase(tmp_path):
