@@ -21,18 +21,18 @@ def build_request(command: str, args: list[str]) -> dict:
     if command == "impair":
         # Which kind of device the socket serves is the device's business: send the keys
         # converted for whichever kind they belong to, and let it refuse the other kind's.
-        from simvirt.scenario.parse import impairment_values
+        from simvirt.scenario.parse import impairment_keys, impairment_values
+        keys = {kind: impairment_keys(kind) for kind in ("net", "blk")}
         pairs = {}
         for word in args:
             key, eq, value = word.partition("=")
             if not eq or not key:
                 raise ValueError(f"impair: {word!r} is not KEY=VALUE (e.g. delay=2ms loss=1% | iops=1000)")
             pairs[key] = value
-        kinds = [k for k in ("net", "blk") if set(pairs) <= _IMPAIR_KEYS[k]]
+        kinds = [k for k in ("net", "blk") if set(pairs) <= keys[k]]
         if pairs and not kinds:
             raise ValueError(f"impair: {', '.join(sorted(pairs))} mixes net and blk keys "
-                             f"(net: {', '.join(sorted(_IMPAIR_KEYS['net']))}; "
-                             f"blk: {', '.join(sorted(_IMPAIR_KEYS['blk']))})")
+                             f"(net: {', '.join(sorted(keys['net']))}; blk: {', '.join(sorted(keys['blk']))})")
         return {"cmd": "impair", **(impairment_values(kinds[0], pairs) if pairs else {})}
     if command == "stream":
         if args == ["stop"]:
@@ -43,9 +43,6 @@ def build_request(command: str, args: list[str]) -> dict:
     raise ValueError(f"unknown command {command!r} (balloon SIZE, balloon-stats, info, impair KEY=VALUE..., "
                      "stream FRAME_SIZE [RATE_PPS] | stream stop)")
 
-
-_IMPAIR_KEYS = {"net": {"delay", "jitter", "loss", "rate", "direction"},
-                "blk": {"latency", "iops", "iops_burst", "bandwidth", "bandwidth_burst", "error_rate"}}
 
 
 def run_ctl_command(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import tempfile
 import time
 from typing import Optional
 
+from simvirt.devices.runner import PARENT_ENV
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for metrics endpoints)."""
@@ -26,7 +28,7 @@ class DeviceProcess:
         self.socket_path = socket_path or os.path.join(self.tmpdir, f"{kind}.sock")
         cmd = [sys.executable, "-m", "simvirt", "device", kind, "--socket", self.socket_path, *args]
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        env = dict(os.environ, SIMVIRT_PARENT_PID=str(os.getpid()))   # the device exits with us
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})   # the device exits with us
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log if log_path else None, env=env)
 
     def wait_ready(self, timeout: float = 20.0) -> str:

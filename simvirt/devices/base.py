@@ -38,7 +38,9 @@ class VirtioDevice:
         self.vm = vm
         self.label = device_label or self.name
         self.acked_features = 0
-        # Set by the session: signal(queue_index) writes the call eventfd.
+        # Set by the session: signal(queue_index) writes the call eventfd; config_changed
+        # tells the frontend the config space changed.
+        self.signal: Callable[[int], None] = lambda index: None
         self.config_changed: Callable[[], None] = lambda: None
 
     # -- negotiation ------------------------------------------------------

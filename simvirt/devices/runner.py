@@ -32,7 +32,7 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
-    parent_fd = _watch_parent(loop, stop)
+    parent_fd = watch_parent(loop, stop)
     server = VhostUserServer(device, socket_path, loop=loop, poll_us=poll_us)
     server.listen()
     port = metrics.serve(metrics_port, metrics_addr)
@@ -67,7 +67,7 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
 PARENT_ENV = "SIMVIRT_PARENT_PID"
 
 
-def _watch_parent(loop: asyncio.AbstractEventLoop, stop: "asyncio.Future[object]") -> Optional[int]:
+def watch_parent(loop: asyncio.AbstractEventLoop, stop: "asyncio.Future[object]") -> Optional[int]:
     """Stop when the process that started us dies, even by SIGKILL.
 
     A ``simvirt run`` killed hard cannot stop its device processes, and

@@ -48,10 +48,6 @@ class DelayLine(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    @property
-    def next_time(self) -> Optional[float]:
-        return self._items[0][0] if self._items else None
-
     def push(self, t: float, item: T) -> None:
         """Hold ``item`` until ``t``; a time earlier than the last pushed one is raised to it (FIFO)."""
         if t < self._last:

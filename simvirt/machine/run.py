@@ -95,12 +95,11 @@ class Machine:
             port = free_port()
             sock = os.path.join(self.workdir, f"{dev.name}.sock")
             extra = []
-            if isinstance(dev, BalloonDeviceConfig):
-                self.balloon_ctl = os.path.join(self.workdir, f"{dev.name}.ctl")
-                extra = ["--control", self.balloon_ctl]
-            elif self.device_controls:
-                self.controls[dev.name] = os.path.join(self.workdir, f"{dev.name}.ctl")
-                extra = ["--control", self.controls[dev.name]]
+            if isinstance(dev, BalloonDeviceConfig) or self.device_controls:
+                ctl = self.controls[dev.name] = os.path.join(self.workdir, f"{dev.name}.ctl")
+                extra = ["--control", ctl]
+                if isinstance(dev, BalloonDeviceConfig):
+                    self.balloon_ctl = ctl
             if isinstance(dev, BlkDeviceConfig) and dev.backend == "scratch":
                 # A disk image that outlives device restarts (a memory disk dies with its process).
                 with open(os.path.join(self.workdir, f"{dev.name}.img"), "wb") as f:
@@ -180,9 +179,7 @@ class Machine:
         self.console.log(f"[yellow]{name}: device process {old_pid} died ({why}); restarting[/]")
         t0 = time.monotonic()
         self.procs[name].stop()
-        stale = [sock] + ([self.balloon_ctl] if self.balloon_ctl and "--control" in args else [])
-        if name in self.controls:
-            stale.append(self.controls[name])
+        stale = [sock] + ([self.controls[name]] if name in self.controls else [])
         for path in stale:  # the dead process's socket files: wait for the new one's
             try:
                 os.unlink(path)

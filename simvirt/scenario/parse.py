@@ -486,6 +486,11 @@ _IMPAIRMENTS: dict[str, tuple[type, dict[str, _Conv]]] = {
 }
 
 
+def impairment_keys(kind: str) -> set[str]:
+    """The keys of a ``net`` or ``blk`` impairment."""
+    return set(_IMPAIRMENTS[kind][1])
+
+
 def impairment_values(kind: str, pairs: dict[str, str]) -> dict[str, Any]:
     """``KEY=VALUE`` words from a command line (``simvirt ctl SOCKET impair delay=2ms loss=1%``),
     converted as the same keys in a scenario file are: one syntax for both."""

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from simvirt import metrics
 from simvirt.control import ControlError, arequest, serve_control
-from simvirt.devices.runner import install_uvloop
+from simvirt.devices.runner import install_uvloop, watch_parent
 from simvirt.machine.config import MachineConfig
 from simvirt.machine.federate import machine_registry
 from simvirt.machine.run import Machine
@@ -261,6 +261,10 @@ async def serve_vm(scenario: Scenario, vm_name: str, control: str, external: dic
     metrics.mark_process(spec.name, "driver")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, host.quit.set)
+    # A runner killed hard cannot stop its VMs: they go when it does (and take their devices along).
+    parent_gone = loop.create_future()
+    parent_gone.add_done_callback(lambda _f: host.quit.set())
+    parent_fd = watch_parent(loop, parent_gone)
     m = host.machine
     supervisor = None
     server = None
@@ -277,6 +281,9 @@ async def serve_vm(scenario: Scenario, vm_name: str, control: str, external: dic
             supervisor.cancel()
         if server is not None:
             server.close()
+        if parent_fd is not None:
+            loop.remove_reader(parent_fd)
+            os.close(parent_fd)
         await m.aclose()
         m.stop()
 

@@ -12,7 +12,7 @@ import array
 import asyncio
 import logging
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 from prometheus_client import Gauge
 
@@ -46,7 +46,6 @@ class BalloonDevice(VirtioDevice):
         super().__init__(4, vm=vm, device_label=label)
         self.stats_interval = stats_interval
         self.mem: GuestMemory = GuestMemory()
-        self.signal: Callable[[int], None] = lambda index: None
         self.num_pages = 0
         self.actual = 0
         self.poison_val = 0
@@ -230,8 +229,7 @@ class BalloonDevice(VirtioDevice):
                         # A driver must keep at most one outstanding (one held across a stop is forgotten).
                         self._error("stats_buffer_overrun", "statsq: a second stats buffer while one is held")
                         old_q, _, old_head = self._stats_held
-                        if old_q is not None:
-                            old_q.add_used(old_head, 0)
+                        old_q.add_used(old_head, 0)
                     self._stats_held = (queue, index, head)
                     continue
                 elif role == "reporting_vq":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
@@ -80,9 +80,6 @@ class BlkDevice(VirtioDevice):
         self._op_stats = {k: metrics.OpStats(vm, self.label, name) for k, name in s.OP_NAMES.items()}
         metrics.declare_errors(vm, self.label, ["bad_address", "missing_status", "short_header", "out_of_range",
                                                 "unsupported_request", "io_error", "chain_too_long"])
-        # Set by the vhost-user server: interrupt the driver for chains completed outside a kick
-        # (requests an impairment held).
-        self.signal: Callable[[int], None] = lambda index: None
         # Set while an impairment is (see set_impairment): process_queue hands requests to it.
         self.impairer: Optional[BlkImpairer] = None
         self.impair_stats = metrics.ImpairStats(vm, self.label)

@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from simvirt import metrics
+from simvirt.devices.blk.spec import OUTHDR
 from simvirt.impair.delayline import DelayLine, Timer
 from simvirt.impair.settings import BlkSettings
 from simvirt.virtio.errors import VirtqueueError
@@ -43,7 +44,7 @@ TimerFactory = Callable[[], Timer]  # one timer per queue's line (simvirt.impair
 def _data_bytes(queue: Queue, head: int) -> int:
     """The request's payload bytes for the bandwidth bucket: the chain minus header and status."""
     try:
-        n = sum(length for _, length, _ in queue.walk(head)) - 17
+        n = sum(length for _, length, _ in queue.walk(head)) - (OUTHDR.size + 1)  # header and status byte
     except VirtqueueError:
         return 0  # served (and refused) later by the general path
     return n if n > 0 else 0
@@ -79,11 +80,11 @@ class BlkImpairer:
                                                   self.timers())
         lim = self.limiter
         latency = lim.latency
-        limits = lim.limits
+        sized = lim.bw is not None      # only the bandwidth bucket needs the payload size (a chain walk)
         st = self.stats
         ready: list[int] = []  # due already and nothing held ahead of them: served in this batch
         for head in heads:
-            t = lim.admit(_data_bytes(queue, head) if limits else 0, now)
+            t = lim.admit(_data_bytes(queue, head) if sized else 0, now)
             if t > now:
                 st.throttled += 1
             if latency:

@@ -78,7 +78,6 @@ class NetDevice(VirtioDevice):
         self.mtu = mtu
         self.pairs = queue_pairs
         self.peer: Optional[NetPeer] = None
-        self.signal = lambda index: None
         self.promisc = False
         self.allmulti = False
         self.mac_table: set[bytes] = set()
@@ -154,11 +153,10 @@ class NetDevice(VirtioDevice):
         or half written (receive), so each such chain goes back empty and counts as a drop
         instead of being sent or filled twice."""
         role, _ = self._role(index)
-        for h in heads:
-            queue.add_used(h, 0)
         if heads:
+            # The driver hears of them when the ring goes live (the session interrupts a resumed ring once).
+            queue.add_used_many([(h, 0) for h in heads])
             self._drop(f"{role}_lost_in_restart", len(heads))
-            self.signal(index)
         return []
 
     def passive_wants_kick(self, index: int) -> bool:
