@@ -370,3 +370,41 @@ def device_works(socket_path: str, sector: int = 0) -> None:
             close_driver(drv, mem)
 
     asyncio.run(go())
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class RecordingHooks:
+    """SessionHooks that record what the event loop would be watching.
+
+    A contract violation (watching a ring already watched with another fd,
+    unwatching what is not watched) is raised at once with ``strict``, or
+    listed in ``violations`` for a fuzzer that checks after each message.
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.watched: dict[int, int] = {}
+        self.violations: list[str] = []
+
+    def _violated(self, what: str) -> None:
+        if self.strict:
+            raise AssertionError(what)
+        self.violations.append(what)
+
+    def watch_kick(self, index: int, fd: int) -> None:
+        old = self.watched.get(index)
+        if old is not None and old != fd:
+            self._violated(f"watch_kick({index}, {fd}) while fd {old} is still watched for that ring")
+        self.watched[index] = fd
+
+    def unwatch_kick(self, index: int, fd: int) -> None:
+        if self.watched.get(index) != fd:
+            self._violated(f"unwatch_kick({index}, {fd}) but watched is {self.watched.get(index)}")
+        self.watched.pop(index, None)

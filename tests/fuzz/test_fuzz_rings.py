@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import pytest
-from hypothesis import assume, event, example, given, strategies as st
+from hypothesis import event, example, given, strategies as st
 
 from simvirt.devices.blk import spec as blk
 from simvirt.devices.blk.device import BlkDevice
@@ -741,13 +741,6 @@ def drain(process, q: Queue) -> tuple[int, Optional[VirtqueueError]]:
     return (q.next_avail - start) & 0xFFFF, err
 
 
-def bogus_head_with_inflight(ram: GuardedRam, case: RingCase) -> bool:
-    """Known bug (see test_regression_inflight_bogus_head): inflight tracking on, and a head >= queue size."""
-    if not case.inflight or pending_of(case) > case.size:
-        return False
-    return any(h >= case.size for h in avail_heads(ram, case, pending_of(case)))
-
-
 def check_broken_queue(case: RingCase, popped: int, err: Optional[VirtqueueError], what: str) -> None:
     if err is None:
         assert pending_of(case) <= case.size, f"{what}: avail idx {pending_of(case)} ahead went unnoticed"
@@ -757,11 +750,9 @@ def check_broken_queue(case: RingCase, popped: int, err: Optional[VirtqueueError
     assert popped == 0
 
 
-def run_blk(case: RingCase, readonly: bool, small_limits: bool, *, avoid_known_bug: bool = False) -> None:
+def run_blk(case: RingCase, readonly: bool, small_limits: bool) -> None:
     dev = blk_device(readonly, small_limits)
     ram, q = build(case)
-    if avoid_known_bug:
-        assume(not bogus_head_with_inflight(ram, case))
     heads_all = avail_heads(ram, case, min(pending_of(case), case.size))
     stats = QueueStats("standalone", dev.label, "0")
     allowed = allowed_writes(ram, case, heads_all)
@@ -798,7 +789,7 @@ def test_regression_blk_writes_no_status_through_nested_indirect_entry(case, rea
     run_blk(case, readonly, small_limits)
 
 
-# Finding 9 (open): inflight tracking on (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), and the driver puts a
+# Finding 9 (fixed): inflight tracking on (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), and the driver puts a
 # head >= queue size in the avail ring.
 INFLIGHT_BOGUS_HEAD = RingCase(size=2, indirect=False, inflight=True, avail=[0xFFFF, 0], avail_idx=1)
 
@@ -807,7 +798,7 @@ INFLIGHT_BOGUS_HEAD = RingCase(size=2, indirect=False, inflight=True, avail=[0xF
 @example(case=INFLIGHT_BOGUS_HEAD, readonly=False, small_limits=False)
 @given(ring_cases("blk"), st.booleans(), st.booleans())
 def test_regression_inflight_bogus_head(case, readonly, small_limits):
-    run_blk(case, readonly, small_limits, avoid_known_bug=False)
+    run_blk(case, readonly, small_limits)
 
 
 class CapturePeer:

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
-from hypothesis import assume, example, given, note, strategies as st
+from hypothesis import example, given, note, strategies as st
 
 from simvirt.devices.blk import spec as blk
 from simvirt.devices.blk.device import BlkDevice
@@ -76,6 +76,7 @@ from simvirt.virtio.errors import VirtqueueError
 from simvirt.virtio.spec import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 from fuzz_testlib import fuzz_settings
+from simvirt_testlib import RecordingHooks, is_open
 
 _labels = itertools.count()
 
@@ -102,14 +103,6 @@ def assert_no_new_fds(before: set[int]) -> None:
         gc.collect()  # a cycle may still hold an mmap (and its dup'ed fd)
     leaked = open_fds() - before
     assert not leaked, f"fds leaked: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in sorted(leaked)]}"
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 # ===========================================================================
@@ -456,25 +449,6 @@ def device(kind: str):
     return _DEVICES[kind]
 
 
-class Hooks:
-    """SessionHooks that record what the event loop would be watching, and contract violations."""
-
-    def __init__(self) -> None:
-        self.watched: dict[int, int] = {}
-        self.violations: list[str] = []
-
-    def watch_kick(self, index: int, fd: int) -> None:
-        old = self.watched.get(index)
-        if old is not None and old != fd:
-            self.violations.append(f"watch_kick({index}, {fd}) while fd {old} is still watched for that ring")
-        self.watched[index] = fd
-
-    def unwatch_kick(self, index: int, fd: int) -> None:
-        if self.watched.get(index) != fd:
-            self.violations.append(f"unwatch_kick({index}, {fd}) but watched is {self.watched.get(index)}")
-        self.watched.pop(index, None)
-
-
 @dataclass(frozen=True)
 class Op:
     """One step: a request (materialised against the live session), a kick, or a peer frame."""
@@ -558,7 +532,7 @@ class Frontend:
         self.dev = device(kind)
         if kind == "net":
             self.dev.peer = EchoPeer(self.dev)
-        self.hooks = Hooks()
+        self.hooks = RecordingHooks(strict=False)
         self.session = BackendSession(self.dev, self.hooks)
         self.fd_next = _fd_base()
         self.handed: dict[int, str] = {}  # fd number -> what it is, for every fd given to the session
@@ -756,11 +730,9 @@ class Frontend:
         return [m(simple[k], b"" if k != "vring_endian" else p.encode_vring_state(0, 1))]
 
     # -- checks ------------------------------------------------------------
-    def send(self, msg: Message, avoid_known_bugs: bool = False) -> None:
+    def send(self, msg: Message) -> None:
         """handle() one message and check every property that must hold after it."""
         s = self.session
-        if avoid_known_bugs:
-            assume(not inflight_offset_overflow(msg))
         name = msg.name
         fds_in = list(msg.fds)
         for fd in fds_in:
@@ -890,7 +862,7 @@ class Frontend:
         assert not self.hooks.violations, self.hooks.violations
 
 
-def run_session(kind: str, ops: list[Op], *, avoid_known_bugs: bool = False) -> None:
+def run_session(kind: str, ops: list[Op]) -> None:
     DriverRam.get()  # created once, before the fd baseline
     device(kind)
     _fd_base()
@@ -901,10 +873,8 @@ def run_session(kind: str, ops: list[Op], *, avoid_known_bugs: bool = False) -> 
             if op.kind == "kick":
                 fe.kick(op)
                 continue
-            if avoid_known_bugs and op.kind == "set_inflight_fd":
-                assume(op.regions[2] != 3)  # known bug: see test_regression_corrupt_inflight_area
             for msg in fe.materialise(op):
-                fe.send(msg, avoid_known_bugs=avoid_known_bugs)
+                fe.send(msg)
         fe.close()
     finally:
         try:
@@ -917,13 +887,6 @@ def run_session(kind: str, ops: list[Op], *, avoid_known_bugs: bool = False) -> 
             except OSError:
                 pass
     assert_no_new_fds(before)
-
-
-def inflight_offset_overflow(msg: Message) -> bool:
-    """Known bug (see test_regression_set_inflight_fd_huge_offset): an mmap offset that is no C off_t."""
-    if msg.request != Request.SET_INFLIGHT_FD or len(msg.payload) < inflight.PAYLOAD.size:
-        return False
-    return inflight.decode_payload(msg.payload)[1] >= 1 << 63
 
 
 @st.composite
@@ -1008,7 +971,7 @@ def test_regression_refused_nofd_kick_changes_nothing(kind, ops):
 @example(kind="blk", ops=[Op("protocol_features", 0), Op("set_inflight_fd", 1, 8, ack=True, regions=(0, 3, 0, 0))])
 @given(st.sampled_from(["blk", "net"]), session_ops())
 def test_regression_set_inflight_fd_huge_offset(kind, ops):
-    run_session(kind, ops, avoid_known_bugs=False)
+    run_session(kind, ops)
 
 
 @fuzz_settings(20)
@@ -1016,4 +979,4 @@ def test_regression_set_inflight_fd_huge_offset(kind, ops):
                           Op("set_inflight_fd", 2, 8, ack=True, regions=(0, 0, 3, 0)), Op("setup_ring", 0, 8, 1)])
 @given(st.sampled_from(["blk", "net"]), session_ops())
 def test_regression_corrupt_inflight_area(kind, ops):
-    run_session(kind, ops, avoid_known_bugs=False)
+    run_session(kind, ops)

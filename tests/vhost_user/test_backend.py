@@ -17,6 +17,7 @@ from simvirt.vhost_user import protocol as p
 from simvirt.vhost_user.backend import BackendSession
 from simvirt.vhost_user.protocol import Message, ProtocolError, ProtocolFeature, Request
 from simvirt.virtio.driver_queue import DriverQueue
+from simvirt_testlib import RecordingHooks, is_open
 from simvirt.virtio.spec import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -29,27 +30,7 @@ _labels = itertools.count()
 RAM = 1 << 20
 
 
-class Hooks:
-    def __init__(self) -> None:
-        self.watched: dict[int, int] = {}
-        self.events: list[tuple[str, int]] = []
-
-    def watch_kick(self, index: int, fd: int) -> None:
-        self.watched[index] = fd
-        self.events.append(("watch", index))
-
-    def unwatch_kick(self, index: int, fd: int) -> None:
-        assert self.watched.get(index) == fd
-        del self.watched[index]
-        self.events.append(("unwatch", index))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
+Hooks = RecordingHooks
 
 
 def msg(req, payload=b"", fds=(), ack=False) -> Message:
