@@ -40,7 +40,9 @@ from simvirt.machine.config import (
     NetWorkloadConfig,
     load_config,
 )
-from simvirt.net.packets import ip_bytes, udp_frame
+from simvirt.net.packets import ip_bytes
+from simvirt.scenario.jobs import TxRunner
+from simvirt.scenario.spec import StreamJob
 from simvirt.machine.federate import machine_registry
 from simvirt.memory import GuestMemory, PageAllocator
 from simvirt.sizes import format_size
@@ -302,22 +304,10 @@ async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float) ->
             if wl.interval:
                 await asyncio.sleep(wl.interval)
         return {"target": wl.target, "sent": seq, "lost": lost, "rtt_us": percentiles_us(rtts)}
-    drv = stack.drv
-    mac = await stack.resolve(target)
-    frame = udp_frame(drv.mac, mac, stack.ip, target, 40000, 9, bytes(wl.frame_size - 42))
-    sent = 0
-    t0 = time.monotonic()
-    while time.monotonic() < deadline:
-        burst = 0
-        while burst < 32 and drv.try_send(frame, publish=False):
-            burst += 1
-        if burst:
-            drv.tx.publish()  # type: ignore[union-attr]
-        sent += burst
-        await asyncio.sleep(0)
-    elapsed = time.monotonic() - t0
-    return {"target": wl.target, "frames": sent, "pps": round(sent / elapsed, 1),
-            "gbps": round(sent * wl.frame_size * 8 / elapsed / 1e9, 4)}
+    tx = TxRunner(StreamJob("udp-tx", "", wl.device, target=wl.target, frame_size=wl.frame_size), stack)
+    await tx.run(deadline)
+    s = tx.detail()["stream"]
+    return {"target": wl.target, "frames": s["frames"], "pps": s["pps"], "gbps": s["gbps"]}
 
 
 async def _balloon_script(m: Machine, wl: BalloonWorkloadConfig, console: Console) -> list[dict]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
 from simvirt.bench.stats import LatencyHistogram, percentiles_us
 from simvirt.control import arequest
+from simvirt.drivers.netstack import GuestStack
 from simvirt.memory import OutOfGuestMemory
 from simvirt.net.packets import ip_bytes, udp_frame
 from simvirt.scenario.spec import BalloonJob, BlkJob, Job, PingJob, PressureJob, StreamJob, UdpRRJob
@@ -100,13 +101,10 @@ class BlkRunner(JobRunner):
         self.verified: Optional[bool] = None
         self.read_back = 0
 
-    def _sync(self) -> None:
+    def refresh(self) -> None:
         self.ops = sum(w.ios for w in self.works)
         self.nbytes = self.ops * self.spec.bs
         self.errors = sum(w.errors for w in self.works)
-
-    def refresh(self) -> None:
-        self._sync()
 
     def latency(self) -> LatencyHistogram:
         h = LatencyHistogram()
@@ -131,10 +129,10 @@ class BlkRunner(JobRunner):
                     self.read_back += n
                     bad += b
             self.verified = bad == 0 and not any(w.mismatches for w in self.works) and self.errors == 0
-        self._sync()
+        self.refresh()
 
     def detail(self) -> dict[str, Any]:
-        self._sync()
+        self.refresh()
         el = self.elapsed or 1e-9
         out: dict[str, Any] = {"verified": self.verified}
         for name, is_read in (("read", True), ("write", False)):
@@ -207,9 +205,9 @@ class TxRunner(JobRunner):
 
     rate_unit = "pps"
 
-    def __init__(self, spec: StreamJob, m: "Machine") -> None:
+    def __init__(self, spec: StreamJob, stack: GuestStack) -> None:
         super().__init__(spec)
-        self.stack = m.nets[spec.device]
+        self.stack = stack
         self.ring_full = 0
 
     async def _run(self, deadline: float) -> None:
@@ -244,9 +242,7 @@ class TxRunner(JobRunner):
             await asyncio.sleep(0)
 
     def detail(self) -> dict[str, Any]:
-        el = self.elapsed or 1e-9
-        return {"stream": {"frames": self.ops, "pps": round(self.ops / el, 1),
-                           "gbps": round(self.nbytes * 8 / el / 1e9, 4), "drops": None, "ring_full": self.ring_full}}
+        return _stream_detail(self, ring_full=self.ring_full)
 
 
 class RxRunner(JobRunner):
@@ -279,9 +275,13 @@ class RxRunner(JobRunner):
                 await arequest(self.ctl, {"cmd": "stream", "stop": True})
 
     def detail(self) -> dict[str, Any]:
-        el = self.elapsed or 1e-9
-        return {"stream": {"frames": self.ops, "pps": round(self.ops / el, 1),
-                           "gbps": round(self.nbytes * 8 / el / 1e9, 4), "drops": None}}
+        return _stream_detail(self)
+
+
+def _stream_detail(r: JobRunner, **extra: Any) -> dict[str, Any]:
+    el = r.elapsed or 1e-9
+    return {"stream": {"frames": r.ops, "pps": round(r.ops / el, 1), "gbps": round(r.nbytes * 8 / el / 1e9, 4),
+                       "drops": None, **extra}}
 
 
 class UdpRRRunner(JobRunner):
@@ -419,7 +419,7 @@ def make_runner(job: Job, m: "Machine", t_phase: float, phase_duration: float, i
     if isinstance(job, PingJob):
         return PingRunner(job, m)
     if isinstance(job, StreamJob):
-        return TxRunner(job, m) if job.kind == "tx" else RxRunner(job, m)
+        return TxRunner(job, m.nets[job.device]) if job.kind == "tx" else RxRunner(job, m)
     if isinstance(job, UdpRRJob):
         return UdpRRRunner(job, m, sport=41000 + index)
     if isinstance(job, BalloonJob):

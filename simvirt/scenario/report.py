@@ -14,8 +14,6 @@ from typing import Any, Optional
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
-# Kind-specific job detail shown in place of a rate: these jobs do one thing, not a stream of I/O.
-_ONE_SHOT_KINDS = ("balloon", "pressure")
 # Impairment fields in seconds (shown in ms) and fractions (shown in %), from spec.NetImpairment/BlkImpairment.
 _SECONDS_FIELDS = frozenset({"delay", "jitter", "latency"})
 _FRACTION_FIELDS = frozenset({"loss", "error_rate"})

@@ -227,3 +227,14 @@ duration = 1.0
         out = asyncio.run(runmod.run_machine(cfg, metrics_port=None, progress=False, console=Console(file=devnull)))
     assert out["ok"] is True
     assert out["balloon"]["target_pages"] == 0, "the step at 1.4 s fired inside a 1.0 s run"
+
+
+def test_udp_tx_workload_streams_to_the_discard_port(tmp_path):
+    cfg = tmp_path / "udp.toml"
+    cfg.write_text('[machine]\nram = "64M"\n[[device]]\ntype = "net"\nname = "n"\n'
+                   '[[workload]]\ndevice = "n"\nmode = "udp-tx"\nframe_size = 1000\n[run]\nduration = 1\n')
+    r = simvirt("run", str(cfg), "--json", "--no-progress", timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tx,) = json.loads(r.stdout)["net"]
+    assert tx["mode"] == "udp-tx" and tx["frames"] > 1000
+    assert tx["gbps"] == pytest.approx(tx["pps"] * 1000 * 8 / 1e9, rel=0.01)
