@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -74,12 +72,11 @@ async def soak(minutes: float, *, config: Optional[str] = None, kill_every: floa
     cfg = load_config(config)
     duration = minutes * 60.0
     cfg.duration = duration
-    tmpdir = tempfile.mkdtemp(prefix="simvirt-soak-")
     if kill_every > 0:
         # A RAM disk dies with its process: with kills, disks live in files (as real ones would).
         for dev in cfg.devices:
             if isinstance(dev, BlkDeviceConfig) and dev.backend == "memory":
-                dev.backend = f"file:{os.path.join(tmpdir, dev.name + '.img')}"
+                dev.backend = "scratch"
     holder: dict[str, Machine] = {}
     series: dict[tuple[str, int], Series] = {}
     kills: list[dict] = []
@@ -124,7 +121,6 @@ async def soak(minutes: float, *, config: Optional[str] = None, kill_every: floa
     finally:
         for t in tasks:
             t.cancel()
-        shutil.rmtree(tmpdir, ignore_errors=True)
     end = time.monotonic() - t0
     warm_until = max(2.0, duration * warmup)
     judged = [s.judge(warm_until, end, rss_slack, rss_slack_bytes) for s in series.values()]
@@ -133,8 +129,8 @@ async def soak(minutes: float, *, config: Optional[str] = None, kill_every: floa
     leaks_ok = all(j.get("ok", True) for j in judged) and any(j.get("judged") for j in judged)
     return {
         "benchmark": "soak", "minutes": minutes, "duration_s": round(end, 1), "warmup_s": round(warm_until, 1),
-        "kill_every_s": kill_every or None, "kills": kills, "restarts": result.get("restarts", []),
+        "kill_every_s": kill_every or None, "kills": kills, "restarts": result["restarts"],
         "errors": errors, "verified": all(verified) if verified else None,
         "processes": judged, "workloads": result["workloads"], "net": result["net"],
-        "ok": bool(leaks_ok and errors == 0 and all(verified) and len(result.get("restarts", [])) == len(kills)),
+        "ok": bool(leaks_ok and errors == 0 and all(verified) and len(result["restarts"]) == len(kills)),
     }

@@ -86,21 +86,19 @@ class _Slot:
         w = self.w
         now = perf_counter_ns()
         read = self.read
-        w.lat_dir[read].append(now - self.t0)
-        (w.lat_read if read else w.lat_write).observe((now - self.t0) * 1e-9)
+        lat = now - self.t0
+        w.lat_dir[read].append(lat)
+        (w.lat_read if read else w.lat_write).observe(lat * 1e-9)
         if status:
             w.errors += 1
         else:
             w.ios_dir[read] += 1
-            if w.verify:
-                w._check(self.block, read, self.view)
         if w.verify:
+            if not status:
+                w._check(self.block, read, self.view)
             w.busy.discard(self.block)
         if now < w.stop_at:
-            if w.gap_ns:
-                w.pace(self, now)
-            else:
-                w.issue(self)
+            w.resubmit(self, now)
         else:
             w.retire()
 
@@ -123,6 +121,10 @@ class BlkWorkload:
         self.base_block = o.offset // o.bs
         # fio's rate_iops: issues spread evenly, one every gap_ns, whatever the queue depth.
         self.gap_ns = int(1e9 / o.rate_iops) if o.rate_iops else 0
+        # Chosen once, not per I/O: paced (rate_iops) or straight back in.
+        self.resubmit = self.pace if self.gap_ns else self.issue
+        self.spb = o.bs >> 9                      # sectors per block
+        self.base_sector = self.base_block * self.spb
         self.next_issue_ns = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.errors = 0
@@ -224,7 +226,7 @@ class BlkWorkload:
             return False
         return self._random() * 100 < self.o.mix
 
-    def issue(self, slot: _Slot) -> None:
+    def issue(self, slot: _Slot, now: int = 0) -> None:  # now: the same call shape as pace()
         block = self._pick_block()
         read = self._is_read()
         slot.block = block
@@ -241,7 +243,7 @@ class BlkWorkload:
             else:
                 view[:] = self.zero
             self.busy.add(block)
-        sector = (self.base_block + block) * (self.bs >> 9)
+        sector = self.base_sector + block * self.spb
         fixed = slot.rd if read else slot.wr
         slot.t0 = perf_counter_ns()
         if fixed is not None:
@@ -282,10 +284,7 @@ class BlkWorkload:
         self.next_issue_ns = now
         for slot in self.slots:
             self.inflight += 1
-            if self.gap_ns:
-                self.pace(slot, now)
-            else:
-                self.issue(slot)
+            self.resubmit(slot, now)
         await self.done
         return time.perf_counter() - t0
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from simvirt.devices.runner import PARENT_ENV
 
@@ -31,10 +31,11 @@ class DeviceProcess:
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})   # the device exits with us
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log if log_path else None, env=env)
 
-    def wait_ready(self, timeout: float = 20.0) -> str:
+    def wait_ready(self, timeout: float = 20.0, also: Sequence[str] = ()) -> str:
+        """Wait for the socket (and the ``also`` paths: a switch's other ports) to appear."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.exists(self.socket_path):
+            if os.path.exists(self.socket_path) and all(os.path.exists(p) for p in also):
                 return self.socket_path
             if self.proc.poll() is not None:
                 raise RuntimeError(f"device process exited with {self.proc.returncode}")

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     pass
 
 
+def is_blk_backend(v: object) -> bool:
+    """null, memory, scratch or file:PATH."""
+    return isinstance(v, str) and (v in ("null", "memory", "scratch") or (v.startswith("file:") and len(v) > 5))
+
+
 @dataclass
 class BlkDeviceConfig:
     name: str
@@ -29,10 +34,14 @@ class BlkDeviceConfig:
     event_idx: bool = True   # the driver negotiates VIRTIO_F_EVENT_IDX (off: every kick and interrupt is sent)
     type: str = "blk"
 
+    def scratch_path(self, workdir: str) -> str:
+        """Where a ``scratch`` disk's image lives (the machine creates and removes it)."""
+        return os.path.join(workdir, f"{self.name}.img")
+
     def device_args(self, workdir: str = ".") -> list[str]:
         args = []
         if self.backend == "scratch":
-            args += ["--image", os.path.join(workdir, f"{self.name}.img"), "--size", str(self.size)]
+            args += ["--image", self.scratch_path(workdir), "--size", str(self.size)]
         elif self.backend == "null":
             args += ["--null", str(self.size)]
         elif self.backend == "memory":
@@ -218,7 +227,7 @@ def parse_config(text: str, source: str = "<string>") -> MachineConfig:
             cfg.devices.append(bal)
             continue
         backend = _take(d, where, "backend", str, "memory")
-        if backend not in ("null", "memory", "scratch") and not (backend.startswith("file:") and len(backend) > 5):
+        if not is_blk_backend(backend):
             raise ConfigError(f"{where}.backend: {backend!r} is not null, memory, scratch or file:PATH")
         dev = BlkDeviceConfig(name=name, backend=backend, size=_size(d, where, "size", 64 << 20) or 0,
                               serial=_take(d, where, "serial", str, name),

@@ -104,7 +104,7 @@ class Machine:
                     self.balloon_ctl = ctl
             if isinstance(dev, BlkDeviceConfig) and dev.backend == "scratch":
                 # A disk image that outlives device restarts (a memory disk dies with its process).
-                with open(os.path.join(self.workdir, f"{dev.name}.img"), "wb") as f:
+                with open(dev.scratch_path(self.workdir), "wb") as f:
                     f.truncate(dev.size)
             args = (dev.device_args(self.workdir) if isinstance(dev, BlkDeviceConfig) else dev.device_args()) + extra
             args += ["--vm", cfg.name, "--name", dev.name, "--metrics-port", str(port)]
@@ -268,7 +268,7 @@ class Machine:
         for dev in self.cfg.devices:
             if isinstance(dev, BlkDeviceConfig) and dev.backend == "scratch":
                 try:
-                    os.unlink(os.path.join(self.workdir, f"{dev.name}.img"))
+                    os.unlink(dev.scratch_path(self.workdir))
                 except FileNotFoundError:
                     pass
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 from simvirt.devices.net.peers import parse_backend
-from simvirt.machine.config import BalloonDeviceConfig, BlkDeviceConfig, NetDeviceConfig
+from simvirt.machine.config import BalloonDeviceConfig, BlkDeviceConfig, NetDeviceConfig, is_blk_backend
 from simvirt.net.packets import ip_bytes, parse_mac
 from simvirt.scenario.spec import (
     BalloonJob,
@@ -276,8 +276,7 @@ _IPV4 = _checked("an IPv4 address like 10.0.2.2", ipaddress.IPv4Address)
 _IP = _checked("an IP address like 10.0.2.15", ip_bytes)
 _MAC = _checked("a MAC address like 52:54:00:12:34:56", parse_mac)
 _NET_BACKEND = _Conv("a net backend like responder or switch:NAME", _net_backend_fn)
-_BLK_BACKEND = _conv("null, memory, scratch or file:PATH", lambda v: v in ("null", "memory", "scratch") or (
-    isinstance(v, str) and v.startswith("file:") and len(v) > 5))
+_BLK_BACKEND = _conv("null, memory, scratch or file:PATH", is_blk_backend)
 _RAM = _size(16 << 20, 4096)
 _REQUIRED: Any = object()
 

@@ -112,6 +112,7 @@ class ScenarioRun:
     def _start_switches(self) -> dict[str, dict[str, str]]:
         """One switch process per name, one socket per port; returns vm -> {device: socket}."""
         ports: dict[str, dict[str, str]] = {}
+        others: dict[str, list[str]] = {}
         for name, members in self.s.switches().items():
             socks = [os.path.join(self.workdir, f"sw-{name}-{vm}-{dev}.sock") for vm, dev in members]
             extra: list[str] = ["--backend", f"switch:{name}", "--vm", self.s.name, "--name", f"switch-{name}"]
@@ -119,17 +120,14 @@ class ScenarioRun:
                 extra += ["--socket", sock]
             log = os.path.join(self.workdir, f"switch-{name}.log")
             self.switches[name] = DeviceProcess("net", extra, socket_path=socks[0], log_path=log)
+            others[name] = socks[1:]
             for (vm, dev), sock in zip(members, socks):
                 ports.setdefault(vm, {})[dev] = sock
         for name, proc in self.switches.items():
-            proc.wait_ready()
-            for vm, devs in ports.items():
-                for sock in devs.values():
-                    deadline = time.monotonic() + 20
-                    while not os.path.exists(sock):
-                        if time.monotonic() > deadline:
-                            raise ScenarioRunError(f"switch {name}: socket {sock} did not appear")
-                        time.sleep(0.02)
+            try:
+                proc.wait_ready(also=others[name])
+            except (RuntimeError, TimeoutError) as e:
+                raise ScenarioRunError(f"switch {name}: {e}") from None
         return ports
 
     async def start(self) -> list[dict]:
