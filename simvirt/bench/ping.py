@@ -55,6 +55,8 @@ async def run_ping_bench(connect: Optional[str], count: int, interval: float = 0
             i += 1
         rtts = []
         lost = 0
+        handles = [h for h in (drv.rx, drv.tx) if h is not None]
+        before = [(h.kicks, h.interrupts) for h in handles]
         for seq in range(count):
             rtt = await stack.ping(gw, seq, busy_poll_us=busy_poll_us)
             if rtt is None:
@@ -63,6 +65,8 @@ async def run_ping_bench(connect: Optional[str], count: int, interval: float = 0
                 rtts.append(rtt)
             if interval:
                 await asyncio.sleep(interval)
+        kicks = sum(h.kicks - b[0] for h, b in zip(handles, before))
+        irqs = sum(h.interrupts - b[1] for h, b in zip(handles, before))
         floor = eventfd_rtt(max(500, count), cpus=pinned[1] if pinned else None)
         lat = percentiles_us(rtts)
         return {
@@ -74,6 +78,10 @@ async def run_ping_bench(connect: Optional[str], count: int, interval: float = 0
             "rtt_us": lat,
             "eventfd_rtt_us": floor,
             "ratio_p50_to_eventfd_p50": round(lat["p50"] / floor["p50"], 3) if floor["p50"] else None,
+            # What each ping paid in notifications (the driver's counts, both rings):
+            # a busy-polled ping against a polling device pays none, an
+            # interrupt-driven one pays a kick and an interrupt, like the floor.
+            "per_ping": {"kicks": round(kicks / count, 3), "interrupts": round(irqs / count, 3)},
             "driver_busy_poll_us": busy_poll_us,
             "device_poll_us": device_poll_us if connect is None else None,
             "pinned_cpus": pinned[1] if pinned else None,

@@ -103,6 +103,7 @@ class VirtioNetDriver:
         t.driver_ok()
         self.rx.queue.publish()
         os.eventfd_write(self.rx.kick_fd, 1)
+        self.tx.queue.disable_interrupts()  # see send()
         t.watch_interrupts(loop, 0, self._rx_complete)
         t.watch_interrupts(loop, 1, self._tx_complete)
         if self.ctrl is not None:
@@ -124,9 +125,13 @@ class VirtioNetDriver:
 
     def _tx_complete(self) -> None:
         assert self.tx is not None
+        q = self.tx.queue
         while True:
             self._reclaim_tx()
-            if not self.tx.queue.enable_interrupts():
+            if not self._tx_waiters:
+                q.disable_interrupts()  # nobody waits for a slot: back to reclaim-on-send
+                break
+            if not q.enable_interrupts(delayed=True):
                 break
         self.tx.flush_metrics()
 
@@ -158,10 +163,20 @@ class VirtioNetDriver:
         return True
 
     async def send(self, frame: bytes, hdr: ns.VirtioNetHdr | bytes | None = None) -> None:
+        """Queue one frame, waiting for a transmit slot if the ring is full.
+
+        Transmit interrupts are off while slots are free (``try_send`` reclaims
+        completed ones, as Linux's virtio-net does without napi_tx): a frame
+        costs the device no interrupt and us no wake-up.  Only a sender that
+        has to wait turns them on, delayed until ~3/4 of the ring completed.
+        """
+        assert self.tx is not None
         while not self.try_send(frame, hdr):
             assert self.loop is not None
             fut = self.loop.create_future()
             self._tx_waiters.append(fut)
+            if self.tx.queue.enable_interrupts(delayed=True):
+                self._reclaim_tx()  # completions arrived meanwhile: no interrupt will say so
             await fut
 
     # -- receive ----------------------------------------------------------
@@ -177,6 +192,23 @@ class VirtioNetDriver:
         self.rx.flush_metrics()
         if self.tx is not None:
             self.tx.flush_metrics()
+
+    def quiet_rx(self) -> None:
+        """About to busy-poll: the device need not interrupt for what arrives.
+
+        Saves it an eventfd write per frame and us the wake-up and read that
+        would follow (NAPI busy polling keeps the interrupt off the same way).
+        ``end_busy_poll`` turns it back on.
+        """
+        assert self.rx is not None
+        self.rx.queue.disable_interrupts()
+
+    def end_busy_poll(self) -> None:
+        """Interrupts back on; what arrived while they were off is delivered now."""
+        assert self.rx is not None
+        q = self.rx.queue
+        while q.enable_interrupts():
+            self._rx_drain()
 
     def busy_poll_rx(self, budget_ns: int) -> bool:
         """Spin on the receive ring for up to ``budget_ns``; deliver what arrived.

@@ -117,14 +117,20 @@ class GuestStack:
         key = (self._ident, seq & 0xFFFF)
         self._pings[key] = fut
         frame = pk.icmp_echo_frame(self.drv.mac, mac, self.ip, ip, ICMP_ECHO_REQUEST, self._ident, seq & 0xFFFF, payload)
+        drv = self.drv
+        if busy_poll_us > 0:
+            drv.quiet_rx()
         t0 = time.perf_counter_ns()
-        if not self.drv.try_send(frame):
-            await self.drv.send(frame)
+        if not drv.try_send(frame):
+            await drv.send(frame)
         if busy_poll_us > 0:
             budget = int(busy_poll_us * 1000)
             deadline = t0 + budget
-            while not fut.done() and time.perf_counter_ns() < deadline:
-                self.drv.busy_poll_rx(budget)
+            try:
+                while not fut.done() and time.perf_counter_ns() < deadline:
+                    drv.busy_poll_rx(budget)
+            finally:
+                drv.end_busy_poll()
         try:
             t1 = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:

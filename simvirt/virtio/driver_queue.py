@@ -239,5 +239,14 @@ class DriverQueue:
         return self._used_hdr[1] != self.last_used
 
     def disable_interrupts(self) -> None:
-        if not self.event_idx:
+        """Ask the device not to interrupt (a hint: it may still, once).
+
+        With EVENT_IDX, used_event goes one behind what we have reclaimed: the
+        device's next used entries move away from it and only a wrap of the
+        16-bit index (65535 entries on) would cross it again.  Linux writes 0
+        for the same effect.
+        """
+        if self.event_idx:
+            self._avail[2 + self.size] = (self.last_used - 1) & 0xFFFF
+        else:
             self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT

@@ -413,11 +413,35 @@ def test_notification_flags_without_event_idx():
     assert dq.enable_interrupts() is False
 
 
-def test_event_idx_driver_disable_is_noop_and_device_disable_is_noop():
+def test_event_idx_device_disable_is_noop_and_flags_stay_clear():
     mem, alloc, dq, q = ring_memory(8, event_idx=True)
     dq.disable_interrupts()
     q.disable_notification()
     assert _used_flags(mem, dq) == 0 and _avail_flags(mem, dq) == 0
+
+
+def test_event_idx_driver_disable_keeps_used_event_behind():
+    """Disabled with EVENT_IDX: used_event one behind, so the device's used entries never cross it."""
+    mem, alloc, dq, q = ring_memory(8, event_idx=True)
+    for t in range(3):
+        dq.add([(0x1000, 1)], [], token=t)
+    dq.publish()
+    chains = q.pop_chains()
+    q.add_used(chains[0].head, 0)
+    assert q.needs_notification() is True  # the first one always fires
+    dq.pop_used()
+    dq.disable_interrupts()
+    assert q.used_event() == 0  # last_used 1, minus one
+    for c in chains[1:]:
+        q.add_used(c.head, 0)
+        assert q.needs_notification() is False
+    assert dq.enable_interrupts() is True  # two waiting: poll them
+    assert [t for t, _ in dq.pop_used()] == [1, 2]
+    assert dq.enable_interrupts() is False
+    dq.add([(0x1000, 1)], [], token=3)
+    dq.publish()
+    q.add_used(q.pop_chains()[0].head, 0)
+    assert q.needs_notification() is True
 
 
 def test_event_idx_first_notification_always_fires():
