@@ -144,6 +144,10 @@ class BlkWorkload:
         self.lat_read = drv.latency[s.VIRTIO_BLK_T_IN]
         self.lat_write = drv.latency[s.VIRTIO_BLK_T_OUT]
         directions = {"read": (True,), "randread": (True,), "write": (False,), "randwrite": (False,)}.get(o.rw, (True, False))
+        # Decided once, not per I/O: the one direction of a pure read or write job,
+        # None for a mix (then :meth:`issue` draws it from the RNG).
+        self.fixed_read: Optional[bool] = directions[0] if len(directions) == 1 else None
+        self.mix = o.mix
         for i in range(o.iodepth):
             gpa = alloc.alloc(o.bs)
             slot = _Slot(self, gpa, mem.translate(gpa, o.bs))
@@ -218,17 +222,11 @@ class BlkWorkload:
                 b = int(rnd() * n)
         return b
 
-    def _is_read(self) -> bool:
-        rw = self.o.rw
-        if rw in ("read", "randread"):
-            return True
-        if rw in ("write", "randwrite"):
-            return False
-        return self._random() * 100 < self.o.mix
-
     def issue(self, slot: _Slot, now: int = 0) -> None:  # now: the same call shape as pace()
         block = self._pick_block()
-        read = self._is_read()
+        read = self.fixed_read
+        if read is None:            # a mix: one draw per I/O, after the block's (seeded runs repeat)
+            read = self._random() * 100 < self.mix
         slot.block = block
         slot.read = read
         verify = self.verify

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 SUB_BITS = 7  # 128 sub-buckets per power of two: every percentile within 0.8 % of the true sample
 
@@ -69,14 +69,9 @@ class LatencyHistogram:
         return ((mant + 1) << shift) - 1
 
     def quantile(self, q: float) -> int:
-        self._fold()
-        want = min(self.n, max(1, int(q * self.n + 0.5)))
-        seen = 0
-        for key in sorted(self.counts):
-            seen += self.counts[key]
-            if seen >= want:
-                return min(self._value(key), self.max)
-        return self.max
+        """A quantile of every sample so far: :meth:`quantile_since` from an empty snapshot, 0 (not None) if none."""
+        v = self.quantile_since(({}, 0), q)
+        return self.max if v is None else v
 
     def snapshot(self) -> tuple[dict[int, int], int]:
         """The bucket counts so far, for :meth:`quantile_since` (one dict copy, not per sample)."""
@@ -98,18 +93,33 @@ class LatencyHistogram:
                 return min(self._value(key), self.max)
         return self.max
 
+    @classmethod
+    def merge(cls, *hists: "LatencyHistogram") -> "LatencyHistogram":
+        """A new histogram holding the samples of all ``hists`` (jobs or directions reported together).
+
+        One pass into one dict: merging pairwise would copy the growing bucket
+        dict once per input.  Every input is folded first (a side effect on the inputs).
+        """
+        out = cls()
+        counts = out.counts
+        for h in hists:
+            h._fold()
+            for k, c in h.counts.items():
+                counts[k] = counts.get(k, 0) + c
+            out.n += h.n
+            out.total += h.total
+            if h.max > out.max:
+                out.max = h.max
+        return out
+
+    @staticmethod
+    def max_of(*hists: "LatencyHistogram") -> int:
+        """The largest sample of all ``hists`` (0 if none), without building the merged histogram."""
+        return max((h.summary()[2] for h in hists), default=0)
+
     def merged(self, other: "LatencyHistogram") -> "LatencyHistogram":
         """A new histogram holding the samples of both (reads and writes reported together)."""
-        self._fold()
-        other._fold()
-        out = LatencyHistogram()
-        out.counts = dict(self.counts)
-        for k, c in other.counts.items():
-            out.counts[k] = out.counts.get(k, 0) + c
-        out.n = self.n + other.n
-        out.total = self.total + other.total
-        out.max = max(self.max, other.max)
-        return out
+        return self.merge(self, other)
 
     def summary(self) -> tuple[int, int, int]:
         """(count, sum, max) with every sample folded in."""
@@ -122,29 +132,29 @@ def _key(v: int) -> int:
     return v if shift <= 0 else ((shift + 1) << SUB_BITS) | ((v >> shift) - (1 << SUB_BITS))
 
 
+_QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
+
+
 def percentiles_us(samples_ns: Union[Sequence[int], LatencyHistogram]) -> dict[str, float]:
     """p50/p90/p99/p99.9/max/mean in microseconds (nearest-rank)."""
+    rank: Callable[[float], float]
     if isinstance(samples_ns, LatencyHistogram):
-        h = samples_ns
-        h.summary()
-        if not h.n:
-            return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0}
-        return {"mean": round(h.total / h.n / 1000.0, 2), "p50": round(h.quantile(0.50) / 1000.0, 2),
-                "p90": round(h.quantile(0.90) / 1000.0, 2), "p99": round(h.quantile(0.99) / 1000.0, 2),
-                "p999": round(h.quantile(0.999) / 1000.0, 2), "max": round(h.max / 1000.0, 2)}
-    if not samples_ns:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0}
-    xs = sorted(samples_ns)
-    n = len(xs)
+        n, total, top = samples_ns.summary()
+        rank = samples_ns.quantile
+    else:
+        xs = sorted(samples_ns)
+        n = len(xs)
+        total = sum(xs)
+        top = xs[-1] if xs else 0
 
-    def rank(q: float) -> float:
-        return xs[min(n - 1, max(0, int(q * n + 0.5) - 1))] / 1000.0
+        def nearest_rank(q: float) -> float:
+            return xs[min(n - 1, max(0, int(q * n + 0.5) - 1))]
 
-    return {
-        "mean": round(sum(xs) / n / 1000.0, 2),
-        "p50": round(rank(0.50), 2),
-        "p90": round(rank(0.90), 2),
-        "p99": round(rank(0.99), 2),
-        "p999": round(rank(0.999), 2),
-        "max": round(xs[-1] / 1000.0, 2),
-    }
+        rank = nearest_rank
+    if not n:
+        return dict.fromkeys(("mean", *(k for k, _ in _QUANTILES), "max"), 0.0)
+    out = {"mean": round(total / n / 1000.0, 2)}
+    for k, q in _QUANTILES:
+        out[k] = round(rank(q) / 1000.0, 2)
+    out["max"] = round(top / 1000.0, 2)
+    return out

@@ -45,6 +45,10 @@ class JobRunner:
     def latency(self) -> LatencyHistogram:
         return self.hist
 
+    def max_latency_ns(self) -> int:
+        """The largest latency so far (0 if none): what fault reports compare before and after."""
+        return self.latency().summary()[2]
+
     def refresh(self) -> None:
         """Bring ``ops``/``nbytes``/``errors`` up to date (runners that count elsewhere)."""
 
@@ -107,10 +111,11 @@ class BlkRunner(JobRunner):
         self.errors = sum(w.errors for w in self.works)
 
     def latency(self) -> LatencyHistogram:
-        h = LatencyHistogram()
-        for w in self.works:
-            h = h.merged(w.lat_dir[0]).merged(w.lat_dir[1])
-        return h
+        return LatencyHistogram.merge(*(h for w in self.works for h in w.lat_dir))
+
+    def max_latency_ns(self) -> int:
+        """The max of the per-job, per-direction histograms (no merged copy just to read it)."""
+        return LatencyHistogram.max_of(*(h for w in self.works for h in w.lat_dir))
 
     async def _run(self, deadline: float) -> None:
         spec = self.spec
@@ -137,9 +142,7 @@ class BlkRunner(JobRunner):
         out: dict[str, Any] = {"verified": self.verified}
         for name, is_read in (("read", True), ("write", False)):
             ios = sum(w.ios_dir[is_read] for w in self.works)
-            h = LatencyHistogram()
-            for w in self.works:
-                h = h.merged(w.lat_dir[is_read])
+            h = LatencyHistogram.merge(*(w.lat_dir[is_read] for w in self.works))
             out[name] = {"ios": ios, "io_bytes": ios * self.spec.bs, "iops": round(ios / el, 1),
                          "bw_bytes": round(ios * self.spec.bs / el, 1), "lat_us": percentiles_us(h)}
         out["blk"] = {"rw": self.spec.rw, "bs": self.spec.bs, "iodepth": self.spec.iodepth,

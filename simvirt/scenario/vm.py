@@ -168,7 +168,7 @@ class PhaseRun:
         for r in affected:
             r.refresh()
         before = [(r.ops, r.errors) for r in affected]
-        max_before = [r.latency().summary()[2] for r in affected]
+        max_before = [r.max_latency_ns() for r in affected]
         pid = out["old_pid"] = proc.proc.pid
         t_fault = time.monotonic()
         if f.action == "kill":
@@ -198,7 +198,7 @@ class PhaseRun:
         for r, (_, err0), mx0 in zip(affected, before, max_before):
             r.refresh()
             saw["errors"] += r.errors - err0
-            mx = r.latency().summary()[2]
+            mx = r.max_latency_ns()
             if mx > mx0:
                 saw["max_lat_us"] = max(saw["max_lat_us"], round(mx / 1000, 1))
 
