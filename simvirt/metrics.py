@@ -12,7 +12,7 @@ import bisect
 import os
 import time
 import weakref
-from typing import Optional
+from typing import Optional, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client import ProcessCollector, PlatformCollector
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from prometheus_client import disable_created_metrics
@@ -121,12 +121,47 @@ class LatencyStats:
         self.hist.observe(seconds)
 
 
+class Holder(Protocol):
+    """What an impairment holds right now (a device's impairer)."""
+
+    def held(self) -> int: ...
+
+
+class ImpairStats:
+    """What a device's impairment did, as plain ints (read at scrape time, like :class:`OpStats`).
+
+    ``delayed``: requests/frames held for added latency or delay; ``throttled``:
+    requests that waited for rate-limiter tokens; ``dropped``: frames lost
+    (netem loss or queue limit); ``failed``: requests failed by error
+    injection. ``held`` (waiting right now) is not a counter but read from
+    ``holder``, the device's current impairer (set by ``set_impairment``), so
+    the gauge and the control socket's ``info`` always agree with what is held.
+    """
+
+    __slots__ = ("labels", "delayed", "throttled", "dropped", "failed", "holder", "__weakref__")
+    WHAT = ("delayed", "throttled", "dropped", "failed")
+
+    def __init__(self, vm: str, device: str) -> None:
+        self.labels = [vm, device]
+        self.delayed = self.throttled = self.dropped = self.failed = 0
+        self.holder: Optional[Holder] = None
+        _LIVE_IMPAIR.add(self)
+
+    @property
+    def held(self) -> int:
+        h = self.holder
+        return h.held() if h is not None else 0
+
+
 _LIVE_LAT: "weakref.WeakSet[LatencyStats]" = weakref.WeakSet()
 _LIVE_QUEUES: "weakref.WeakSet[QueueStats]" = weakref.WeakSet()
 _LIVE_OPS: "weakref.WeakSet[OpStats]" = weakref.WeakSet()
+_LIVE_IMPAIR: "weakref.WeakSet[ImpairStats]" = weakref.WeakSet()
 
 
 class _HotPathCollector(Collector):
+    """Every plain-int stats object above, turned into metric families at scrape time."""
+
     def collect(self):
         qs = list(_LIVE_QUEUES)
         fams = [
@@ -162,6 +197,16 @@ class _HotPathCollector(Collector):
         for st in list(_LIVE_LAT):
             lat.add_metric(st.labels, st.hist.family_buckets(), st.hist.sum)
         yield lat
+        imp = list(_LIVE_IMPAIR)
+        c = CounterMetricFamily("simvirt_impaired", "Requests or frames affected by an impairment, by effect",
+                                labels=_D + ["what"])
+        g = GaugeMetricFamily("simvirt_impaired_held", "Requests or frames held by an impairment right now", labels=_D)
+        for st in imp:
+            for what in ImpairStats.WHAT:
+                c.add_metric(st.labels + [what], getattr(st, what))
+            g.add_metric(st.labels, st.held)
+        yield c
+        yield g
 
 
 REGISTRY.register(_HotPathCollector())
@@ -203,45 +248,3 @@ def scrape(port: int, name: str, addr: str = "127.0.0.1", **labels: str) -> floa
 
 def mark_process(vm: str, role: str) -> None:
     PROCESS_INFO.labels(vm, role, str(os.getpid())).set(time.time())
-
-
-# -- impairments (simvirt.impair; device --control "impair") -------------------------------
-from prometheus_client.core import GaugeMetricFamily  # noqa: E402
-
-
-class ImpairStats:
-    """What a device's impairment did, as plain ints (read at scrape time, like :class:`OpStats`).
-
-    ``delayed``: requests/frames held for added latency or delay; ``throttled``:
-    requests that waited for rate-limiter tokens; ``dropped``: frames lost
-    (netem loss or queue limit); ``failed``: requests failed by error
-    injection; ``held``: requests/frames waiting right now.
-    """
-
-    __slots__ = ("labels", "delayed", "throttled", "dropped", "failed", "held", "__weakref__")
-    WHAT = ("delayed", "throttled", "dropped", "failed")
-
-    def __init__(self, vm: str, device: str) -> None:
-        self.labels = [vm, device]
-        self.delayed = self.throttled = self.dropped = self.failed = self.held = 0
-        _LIVE_IMPAIR.add(self)
-
-
-_LIVE_IMPAIR: "weakref.WeakSet[ImpairStats]" = weakref.WeakSet()
-
-
-class _ImpairCollector(Collector):
-    def collect(self):
-        stats = list(_LIVE_IMPAIR)
-        c = CounterMetricFamily("simvirt_impaired", "Requests or frames affected by an impairment, by effect",
-                                labels=_D + ["what"])
-        g = GaugeMetricFamily("simvirt_impaired_held", "Requests or frames held by an impairment right now", labels=_D)
-        for st in stats:
-            for what in ImpairStats.WHAT:
-                c.add_metric(st.labels + [what], getattr(st, what))
-            g.add_metric(st.labels, st.held)
-        yield c
-        yield g
-
-
-REGISTRY.register(_ImpairCollector())

@@ -9,7 +9,9 @@ so it is called through ctypes; where that fails (not Linux, no libc
 symbol) :class:`LoopTimer` is used instead.
 
 A timer serves one :class:`~simvirt.impair.delayline.DelayLine`: one
-pending callback at a time, re-armed by each ``call_later``.
+pending callback at a time, re-armed by each ``call_later``. The devices'
+impairers take a :data:`Clock` and a :data:`TimerFactory` (tests pass
+simulated ones); :func:`clock_and_timers` fills in the real ones.
 """
 from __future__ import annotations
 
@@ -17,9 +19,15 @@ import asyncio
 import ctypes
 import logging
 import os
+import time
 from typing import Any, Callable, Optional
 
+from simvirt.impair.delayline import Timer
+
 log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]  # seconds, monotonic
+TimerFactory = Callable[[], Timer]  # a new timer per delay line (one per blk queue, one per net direction)
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -139,3 +147,15 @@ def new_timer(loop: Optional[asyncio.AbstractEventLoop] = None) -> "TimerFd | Lo
     except OSError as e:
         log.debug("no timerfd (%s): delay lines use the loop's timers", e)
         return LoopTimer(loop)
+
+
+def clock_and_timers(clock: Optional[Clock], timers: Optional[TimerFactory]) -> tuple[Clock, TimerFactory]:
+    """``clock`` and ``timers``, defaulting to ``time.monotonic`` and timerfds on the running loop.
+
+    The loop is looked up here, once, so the timers a factory makes later
+    (from a timer callback or a control command) all land on it.
+    """
+    if timers is None:
+        loop = asyncio.get_running_loop()
+        timers = lambda: new_timer(loop)  # noqa: E731
+    return clock or time.monotonic, timers

@@ -8,7 +8,7 @@ import time
 import uvloop
 
 from simvirt.impair.delayline import DelayLine
-from simvirt.impair.timer import LoopTimer, TimerFd, new_timer
+from simvirt.impair.timer import LoopTimer, TimerFd, clock_and_timers, new_timer
 
 
 def test_timerfd_fires_after_the_delay_and_cancel_prevents_it():
@@ -56,3 +56,18 @@ def test_a_delay_line_on_each_timer_releases_in_order_on_time():
         out = uvloop.run(main(make))
         assert [i for _, i in out] == list(range(5))
         assert all(t >= 0.001 * (i + 1) for t, i in out)
+
+
+def test_clock_and_timers_default_to_the_monotonic_clock_and_timerfds_on_the_running_loop():
+    mine = lambda: 1.0  # noqa: E731
+    fake = lambda: LoopTimer(None)  # noqa: E731
+    assert clock_and_timers(mine, fake) == (mine, fake)  # given ones are kept (no loop needed)
+
+    async def main():
+        clock, timers = clock_and_timers(None, None)
+        t = timers()
+        try:
+            return clock, type(t), t.loop is asyncio.get_running_loop()
+        finally:
+            t.close()
+    assert uvloop.run(main()) == (time.monotonic, TimerFd, True)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.devices.blk import spec as s
-from simvirt.devices.blk.impair import BlkImpairer, Clock, TimerFactory, make_impairer
+from simvirt.devices.blk.impair import BlkImpairer, make_impairer
 from simvirt.devices.blk.storage import Storage
 from simvirt.impair.settings import BlkSettings
+from simvirt.impair.timer import Clock, TimerFactory
 from simvirt.memory.guest import GuestAddressError
 from simvirt.virtio.errors import ChainLayoutError, VirtqueueError
 from simvirt.virtio.queue import Queue
@@ -143,6 +144,7 @@ class BlkDevice(VirtioDevice):
         old = self.impairer
         new = make_impairer(self, settings, self.impair_stats, clock=clock, timers=timers)
         self.impairer = new
+        self.impair_stats.holder = new  # the held count is read from what the impairer holds
         if old is not None:
             if new is None:
                 old.release_all()
@@ -157,7 +159,7 @@ class BlkDevice(VirtioDevice):
             "delayed": st.delayed,
             "throttled": st.throttled,
             "failed": st.failed,
-            "held": imp.held() if imp is not None else 0,
+            "held": st.held,
             "requests": {name: self._op_stats[k].requests for k, name in s.OP_NAMES.items()},
         }
 
@@ -170,7 +172,22 @@ class BlkDevice(VirtioDevice):
         # Bounded batches: completing (and interrupting) every few chains lets a
         # polling driver refill the ring while we work, instead of lock-step.
         heads = queue.pop_heads(self.batch)
-        if not heads:
+        if heads:
+            self.serve_heads(queue, stats, heads)
+
+    def serve_heads(self, queue: Queue, stats: metrics.QueueStats, heads: list[int],
+                    answered: Sequence[tuple[int, int]] = ()) -> None:
+        """Serve requests popped off ``queue`` and return them in one used-ring update.
+
+        The unimpaired path calls this for each batch it pops; an impairer,
+        for each batch of held requests that falls due. ``answered``: (head,
+        used length) of requests already answered without being served
+        (injected errors), returned in the same update, ahead of ``heads``.
+        Interrupting the driver is the caller's (the server's run_queue, or
+        the impairer's signal).
+        """
+        nchains = len(heads) + len(answered)
+        if not nchains:
             return
         t0 = time.perf_counter()
         mem = queue.mem
@@ -181,7 +198,7 @@ class BlkDevice(VirtioDevice):
             base, rsize, ram = region.gpa, region.size, region.view
         else:
             base, rsize, ram = 0, -1, None
-        used = []
+        used = list(answered)
         ndesc = 0
         ops = self._ops
         walk = queue.walk
@@ -255,22 +272,10 @@ class BlkDevice(VirtioDevice):
         if n_wr:
             ops[1][0] += n_wr
             ops[1][1] += b_wr
-        stats.chains += len(heads)
+        stats.chains += nchains
         stats.descriptors += ndesc
         if self.count_metrics:
-            self._flush_op_stats(time.perf_counter() - t0, len(heads))
-
-    def serve_one(self, queue: Queue, head: int) -> tuple[int, int]:
-        """One request by the general path, outside a batch (impaired requests served when due).
-
-        Returns (used length, descriptors walked).
-        """
-        try:
-            descs = queue.walk(head)
-        except VirtqueueError as e:
-            self._error(e.reason, f"chain {head}: {e}")
-            return self._fail_unwalkable(queue, head), 0
-        return self._process_general(head, descs, queue.mem.translate), len(descs)
+            self._flush_op_stats(time.perf_counter() - t0, nchains)
 
     @staticmethod
     def _fail_unwalkable(queue: Queue, head: int) -> int:

@@ -5,9 +5,10 @@ served; this module is its I/O edge. While an impairment is set the
 device's ``process_queue`` hands every popped head here (instead of its
 fast path): each gets an admission time from the limiter and a completion
 time ``latency`` later, and waits in its queue's :class:`DelayLine`. When
-due, requests are served by the device's general path (or failed with
-``VIRTIO_BLK_S_IOERR`` by error injection, storage untouched), returned in
-one used-ring update and the driver is interrupted.
+due, requests are served as one batch by the device's ``serve_heads`` (the
+tail of its unimpaired path; error injection first answers some with
+``VIRTIO_BLK_S_IOERR``, storage untouched), returned in one used-ring update
+and the driver is interrupted.
 
 Requests are taken off the ring at once rather than left there while
 throttled (Firecracker leaves them): the vhost-user server drains a ring
@@ -22,13 +23,13 @@ another only as much as the shared limiter says.
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from simvirt import metrics
 from simvirt.devices.blk.spec import OUTHDR
-from simvirt.impair.delayline import DelayLine, Timer
+from simvirt.impair.delayline import DelayLine
 from simvirt.impair.settings import BlkSettings
+from simvirt.impair.timer import Clock, TimerFactory, clock_and_timers
 from simvirt.virtio.errors import VirtqueueError
 from simvirt.virtio.queue import Queue
 
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     from simvirt.devices.blk.device import BlkDevice
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
-TimerFactory = Callable[[], Timer]  # one timer per queue's line (simvirt.impair.timer.new_timer)
 
 
 def _data_bytes(queue: Queue, head: int) -> int:
@@ -60,7 +58,7 @@ class BlkImpairer:
         self.limiter = settings.limiter()
         self.stats = stats
         self.clock = clock
-        self.timers = timers
+        self.timers = timers  # one timer per queue's line
         self._lines: dict[int, DelayLine[int]] = {}
         self._queues: dict[int, tuple[Queue, metrics.QueueStats]] = {}
 
@@ -73,6 +71,20 @@ class BlkImpairer:
 
     def admit(self, index: int, queue: Queue, qstats: metrics.QueueStats, heads: list[int], now: float) -> bool:
         """Schedule ``heads`` (in ring order); True if some were due at once and completed here."""
+        ready = self._schedule(index, queue, qstats, heads, now)
+        if ready:
+            # From process(), inside the server's run_queue: counting the chains makes it interrupt the driver.
+            self._complete(queue, qstats, ready, inject=True)
+            return True
+        return False
+
+    def _schedule(self, index: int, queue: Queue, qstats: metrics.QueueStats, heads: list[int],
+                  now: float) -> list[int]:
+        """Give ``heads`` (in ring order) their completion times: hold them, or return those due already.
+
+        A request is due at once only if nothing is held ahead of it on its
+        queue (the line is FIFO, and so is the limiter's admission order).
+        """
         self._queues[index] = (queue, qstats)
         line = self._lines.get(index)
         if line is None:
@@ -81,30 +93,26 @@ class BlkImpairer:
         lim = self.limiter
         latency = lim.latency
         sized = lim.bw is not None      # only the bandwidth bucket needs the payload size (a chain walk)
-        st = self.stats
-        ready: list[int] = []  # due already and nothing held ahead of them: served in this batch
+        ready: list[int] = []
+        throttled = 0
         for head in heads:
             t = lim.admit(_data_bytes(queue, head) if sized else 0, now)
             if t > now:
-                st.throttled += 1
-            if latency:
-                st.delayed += 1
+                throttled += 1
             done = t + latency
             if done <= now and not len(line):
                 ready.append(head)
             else:
                 line.push(done, head)
-                st.held += 1
-        if ready:
-            # From process(), inside the server's run_queue: counting the chains makes it interrupt the driver.
-            self._complete(queue, qstats, ready, inject=True)
-            return True
-        return False
+        st = self.stats
+        st.throttled += throttled
+        if latency:
+            st.delayed += len(heads)
+        return ready
 
     # -- completing them ---------------------------------------------------
     def _release(self, index: int, heads: list[int]) -> None:
         """Timer: these requests are due."""
-        self.stats.held -= len(heads)
         q = self._queues.get(index)
         if q is None:  # the ring went away; queue_stopped already completed what it held
             return
@@ -112,24 +120,26 @@ class BlkImpairer:
         self.device.signal(index)
 
     def _complete(self, queue: Queue, qstats: metrics.QueueStats, heads: list[int], *, inject: bool) -> None:
-        t0 = time.perf_counter()
-        dev = self.device
+        """Serve ``heads`` as one device batch; with ``inject``, error injection fails some first.
+
+        A failed request gets IOERR in its status byte and no I/O; it goes
+        back in the same used-ring update as the served ones, ahead of them
+        (the device may use buffers in any order: VIRTIO_F_IN_ORDER is not offered).
+        """
+        failed: list[tuple[int, int]] = []
         lim = self.limiter
-        used = []
-        ndesc = 0
-        for head in heads:
-            if inject and lim.fail():
-                self.stats.failed += 1
-                used.append((head, dev._fail_unwalkable(queue, head)))  # IOERR in the status byte; no I/O
-                continue
-            n, d = dev.serve_one(queue, head)
-            used.append((head, n))
-            ndesc += d
-        queue.add_used_many(used)
-        qstats.chains += len(heads)
-        qstats.descriptors += ndesc
-        if dev.count_metrics:
-            dev._flush_op_stats(time.perf_counter() - t0, len(heads))
+        if inject and lim.error_rate:
+            fail = lim.fail
+            answer = self.device._fail_unwalkable  # noqa: SLF001 - IOERR in the status byte, if there is one
+            served = []
+            for head in heads:
+                if fail():
+                    failed.append((head, answer(queue, head)))
+                else:
+                    served.append(head)
+            heads = served
+            self.stats.failed += len(failed)
+        self.device.serve_heads(queue, qstats, heads, failed)
 
     # -- lifecycle -----------------------------------------------------------
     def queue_stopped(self, index: int) -> None:
@@ -145,7 +155,6 @@ class BlkImpairer:
         held = [head for _, head in line.take()]
         line.close()
         if held:
-            self.stats.held -= len(held)
             self._complete(q[0], q[1], held, inject=True)
             self.device.signal(index)
 
@@ -155,7 +164,6 @@ class BlkImpairer:
         for index, line in self._lines.items():
             queue, qstats = self._queues[index]
             out.extend((t, index, queue, qstats, head) for t, head in line.take())
-        self.stats.held -= len(out)
         out.sort(key=lambda x: x[0])  # stable: each queue's order is kept
         return out
 
@@ -170,21 +178,25 @@ class BlkImpairer:
             self.device.signal(index)
 
     def adopt(self, old: "BlkImpairer") -> None:
-        """Take over what a replaced impairment held: re-admitted, in order, under the new limits."""
+        """Take over what a replaced impairment held: re-admitted, in order, under the new limits.
+
+        Admission follows the old due times across queues (the limiter is
+        shared); what is due at once is served per queue, one batch each.
+        """
         now = self.clock()
-        completed = set()
         held = old.take_held()
         old.close()
+        ready: dict[int, list[int]] = {}
         for _, index, queue, qstats, head in held:
-            if self.admit(index, queue, qstats, [head], now):
-                completed.add(index)
-        for index in completed:
+            if self._schedule(index, queue, qstats, [head], now):
+                ready.setdefault(index, []).append(head)
+        for index, heads in ready.items():
+            queue, qstats = self._queues[index]
+            self._complete(queue, qstats, heads, inject=True)
             self.device.signal(index)
 
     def forget(self) -> None:
         """Device reset: every ring has stopped already; drop anything left."""
-        for line in self._lines.values():
-            self.stats.held -= len(line)
         self.close()
         self._queues.clear()
 
@@ -195,6 +207,7 @@ class BlkImpairer:
         self._lines.clear()
 
     def held(self) -> int:
+        """Requests held right now: what the lines hold (``ImpairStats.held`` reads this)."""
         return sum(len(line) for line in self._lines.values())
 
 
@@ -206,10 +219,5 @@ def make_impairer(device: "BlkDevice", settings: Optional[BlkSettings], stats: m
     """
     if settings is None or not settings.active:
         return None
-    if timers is None:
-        import asyncio
-
-        from simvirt.impair.timer import new_timer
-        loop = asyncio.get_running_loop()
-        timers = lambda: new_timer(loop)  # noqa: E731
-    return BlkImpairer(device, settings, stats, clock=clock or time.monotonic, timers=timers)
+    clock, timers = clock_and_timers(clock, timers)
+    return BlkImpairer(device, settings, stats, clock=clock, timers=timers)

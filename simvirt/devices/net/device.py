@@ -19,6 +19,7 @@ from simvirt import metrics
 from simvirt.devices.base import VirtioDevice
 from simvirt.devices.net import impair as _impair
 from simvirt.impair.settings import NetSettings
+from simvirt.impair.timer import Clock, TimerFactory
 from simvirt.memory.guest import GuestAddressError
 from simvirt.net import spec as ns
 from simvirt.net.offload import PartialCsumFrame, complete_checksum, segment
@@ -269,12 +270,13 @@ class NetDevice(VirtioDevice):
                         self._drop("tx_bad_offload")  # a GSO type the driver was never offered
                         continue
                     segs = segment(frame, hdr)
-                    if any(len(x) > max_frame for x in segs):
+                    lens = [len(x) for x in segs]  # once, for the MTU check and the byte count
+                    if max(lens, default=0) > max_frame:
                         # gso_size is the guest's: segments must still fit the link's MTU.
                         self._drop("tx_oversize")
                         continue
                     frames.extend(segs)
-                    nbytes += sum(len(x) for x in segs)
+                    nbytes += sum(lens)
                     continue
                 if len(frame) > max_frame:
                     self._drop("tx_oversize")
@@ -322,13 +324,15 @@ class NetDevice(VirtioDevice):
             self.tx_pair = saved
 
     # -- impairment (simvirt.impair; the control socket's "impair" command) --------------------
-    def set_impairment(self, settings: Optional[NetSettings], *, clock=None, timers=None) -> None:
+    def set_impairment(self, settings: Optional[NetSettings], *, clock: Optional[Clock] = None,
+                       timers: Optional[TimerFactory] = None) -> None:
         """Replace the impairment; None or all-default settings clear it (held frames go at once)."""
         sinks = {"tx": self._send_later, "rx": self._place}
         self.impairer = _impair.replace(self.impairer, settings, sinks, self.impair_counts, self.impair_stats,
                                         clock=clock, timers=timers)
         self._tx_lane = self.impairer.lane("tx") if self.impairer is not None else None
         self._rx_lane = self.impairer.lane("rx") if self.impairer is not None else None
+        self.impair_stats.holder = self.impairer  # the held count is read from the lanes
 
     def rx_held(self) -> int:
         """Frames toward the guest an impairment holds (a streaming source counts them as in flight)."""

@@ -11,16 +11,14 @@ loss-only impairments add no timer hop.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional
 
 from simvirt import metrics
 from simvirt.impair.delayline import DelayLine, Timer
 from simvirt.impair.netem import NetEm
 from simvirt.impair.settings import NetSettings
+from simvirt.impair.timer import Clock, TimerFactory, clock_and_timers
 
-Clock = Callable[[], float]
-TimerFactory = Callable[[], Timer]  # one timer per direction's line (simvirt.impair.timer.new_timer)
 Sink = Callable[[list[bytes], int], Any]  # (frames, queue pair)
 
 
@@ -44,26 +42,29 @@ class Lane:
         now = self.clock()
         admit = self.netem.admit
         line = self.line
-        counts, st = self.counts, self.stats
         through: list[bytes] = []
+        dropped = delayed = 0
         for f in frames:
             t = admit(len(f), now)
             if t is None:
-                counts["dropped"] += 1
-                st.dropped += 1
+                dropped += 1
                 continue
             if t <= now and not len(line):
                 through.append(f)
                 continue
-            counts["delayed"] += 1
-            st.delayed += 1
-            st.held += 1
+            delayed += 1
             line.push(t, (f, pair))
+        counts, st = self.counts, self.stats
+        if dropped:
+            counts["dropped"] += dropped
+            st.dropped += dropped
+        if delayed:
+            counts["delayed"] += delayed
+            st.delayed += delayed
         if through:
             self.sink(through, pair)
 
     def _release(self, items: list[tuple[bytes, int]]) -> None:
-        self.stats.held -= len(items)
         # One sink call per run of frames for the same queue pair.
         run: list[bytes] = []
         pair = items[0][1]
@@ -75,23 +76,19 @@ class Lane:
         self.sink(run, pair)
 
     def take(self) -> list[tuple[float, tuple[bytes, int]]]:
-        held = self.line.take()
-        self.stats.held -= len(held)
-        return held
+        """Remove what is held, with release times, without sending it."""
+        return self.line.take()
 
     def flush(self) -> None:
         """Everything held goes now."""
-        items = [item for _, item in self.line.take()]
-        if items:
-            self._release(items)
+        self.line.flush()
 
     def drop_held(self) -> int:
         """Forget what is held (the receiving guest went away); returns how many."""
-        return len(self.take())
+        return len(self.line.take())
 
     def close(self) -> None:
         """Free the timer (take or flush what is held first)."""
-        self.stats.held -= len(self.line)
         self.line.close()
 
     def adopt(self, held: list[tuple[float, tuple[bytes, int]]]) -> None:
@@ -99,7 +96,6 @@ class Lane:
         new frames queue behind them."""
         for t, item in held:
             self.line.push(t, item)
-            self.stats.held += 1
         if held:
             self.netem.hold_after(held[-1][0])
 
@@ -118,6 +114,10 @@ class NetImpairer:
     def lane(self, direction: str) -> Optional[Lane]:
         return self.lanes.get(direction)
 
+    def held(self) -> int:
+        """Frames held right now in either direction (``ImpairStats.held`` reads this)."""
+        return sum(len(lane) for lane in self.lanes.values())
+
 
 def replace(old: Optional[NetImpairer], settings: Optional[NetSettings], sinks: dict[str, Sink],
             counts: dict[str, dict[str, int]], stats: metrics.ImpairStats, *, clock: Optional[Clock] = None,
@@ -130,13 +130,8 @@ def replace(old: Optional[NetImpairer], settings: Optional[NetSettings], sinks: 
     """
     new = None
     if settings is not None and settings.active:
-        if timers is None:
-            import asyncio
-
-            from simvirt.impair.timer import new_timer
-            loop = asyncio.get_running_loop()
-            timers = lambda: new_timer(loop)  # noqa: E731
-        new = NetImpairer(settings, sinks, counts, stats, clock=clock or time.monotonic, timers=timers)
+        clock, timers = clock_and_timers(clock, timers)
+        new = NetImpairer(settings, sinks, counts, stats, clock=clock, timers=timers)
     if old is not None:
         for d, lane in old.lanes.items():
             keep = new.lane(d) if new is not None else None

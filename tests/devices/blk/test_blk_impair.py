@@ -3,7 +3,10 @@
 Sans-IO part: a BlkDevice with hand-written rings and fake timers checks
 when each request completes (latency, shared token buckets, in order per
 queue, other queues not stalled beyond the limiter), that a stopping ring
-completes what it holds, and that injected errors leave storage untouched.
+completes what it holds, that injected errors leave storage untouched, that
+due requests go to the device's ``serve_heads`` as one batch (injected
+errors in the same used-ring update) and that the held count read by
+``info`` and the metrics is what the delay lines hold.
 
 Process part: ``simvirt device blk --control PATH`` driven by the simvirt
 guest driver: a 1000 IOPS limit holds within 5% under a qd16 random-read
@@ -22,6 +25,7 @@ import tempfile
 import time
 
 import pytest
+from prometheus_client import generate_latest
 
 from simvirt import metrics
 from simvirt.control import arequest, request
@@ -109,8 +113,9 @@ class Rig:
     def impair(self, **fields) -> None:
         self.dev.set_impairment(BlkSettings.from_request(fields), clock=lambda: self.t.now, timers=self.t.timer)
 
-    def submit(self, q: int, rtype: int = s.VIRTIO_BLK_T_IN, sector: int = 0, data: bytes = b"") -> int:
-        """Post one request on queue ``q`` and kick; returns its head."""
+    def submit(self, q: int, rtype: int = s.VIRTIO_BLK_T_IN, sector: int = 0, data: bytes = b"",
+               kick: bool = True) -> int:
+        """Post one request on queue ``q`` and (unless not ``kick``) kick; returns its head."""
         hdr = self.alloc.alloc(4096)
         self.mem.write(hdr, s.OUTHDR.pack(rtype, 0, sector))
         st = hdr + 512
@@ -125,9 +130,31 @@ class Rig:
         self.next_desc[q] += 3
         self.status_of[(q, head)] = st
         self.rings[q].push(head)
+        if kick:
+            self.kick(q)
+        return head
+
+    def kick(self, q: int) -> None:
         self.dev.process_queue(q, self.queues[q], self.stats[q])
         self.collect()
-        return head
+
+    def record_batches(self) -> list[tuple[list[int], list[int]]]:
+        """From now on, note each serve_heads call: (heads served, heads answered without I/O)."""
+        calls: list[tuple[list[int], list[int]]] = []
+        serve = self.dev.serve_heads
+
+        def spy(queue, stats, heads, answered=()):
+            calls.append((list(heads), [h for h, _ in answered]))
+            serve(queue, stats, heads, answered)
+        self.dev.serve_heads = spy  # type: ignore[method-assign]
+        return calls
+
+    def held_everywhere(self) -> tuple[int, int, int, int]:
+        """The held count as the lines, ImpairStats, the control socket's info and /metrics see it."""
+        lines = self.dev.impairer.held() if self.dev.impairer is not None else 0
+        scraped = parse_metrics(generate_latest(metrics.REGISTRY).decode(), "simvirt_impaired_held",
+                                device=self.dev.label)
+        return lines, self.dev.impair_stats.held, self.dev.impair_info()["held"], int(scraped)
 
     def collect(self) -> None:
         for q in range(2):
@@ -200,9 +227,65 @@ def test_clearing_serves_held_requests_and_restores_the_fast_path():
 def test_replacing_readmits_held_requests_under_the_new_limits():
     rig = Rig(iops=1)
     heads = [rig.submit(0) for _ in range(3)]
+    calls = rig.record_batches()
     rig.impair(iops=1000)
     rig.collect()
     assert all((0, h) in rig.done for h in heads)  # the new bucket is full: all at once
+    assert calls == [(heads[1:], [])] and rig.signals == [(0.0, 0)]  # the two held ones: one batch, one interrupt
+
+
+def test_due_requests_are_served_as_one_batch():
+    rig = Rig(latency=0.002)
+    calls = rig.record_batches()
+    heads = [rig.submit(0) for _ in range(4)]  # each kicked on its own, all due at 2 ms
+    assert calls == [] and rig.dev.impair_stats.delayed == 4
+    rig.advance(0.003)
+    assert calls == [(heads, [])]
+    assert rig.signals == [(pytest.approx(0.002), 0)]
+    assert all(rig.status(0, h) == OK for h in heads)
+    st = rig.stats[0]
+    assert (st.chains, st.descriptors) == (4, 12)
+    assert rig.dev.impair_info()["requests"]["read"] == 4
+
+
+def test_injected_errors_go_back_in_the_same_batch_ahead_of_the_served_requests():
+    rig = Rig(error_rate=0.5, seed=4)  # this seed's draws: ok, fail, fail, ok, fail
+    heads = [rig.submit(0, kick=False) for _ in range(5)]
+    calls = rig.record_batches()
+    rig.dev.process_queue(0, rig.queues[0], rig.stats[0])  # nothing delays them: served from the kick
+    failed, served = [heads[1], heads[2], heads[4]], [heads[0], heads[3]]
+    assert calls == [(served, failed)]
+    # One used-ring update; the device may use buffers in any order (no VIRTIO_F_IN_ORDER).
+    assert [h for h, _ in rig.rings[0].pop_used()] == failed + served
+    assert [rig.status(0, h) for h in heads] == [OK, IOERR, IOERR, OK, IOERR]
+    assert rig.dev.impair_stats.failed == 3
+    st = rig.stats[0]
+    assert (st.chains, st.descriptors) == (5, 6)  # failed ones are not walked
+    assert rig.dev.impair_info()["requests"]["read"] == 2
+
+
+def test_the_held_count_is_what_the_lines_hold():
+    rig = Rig(iops=1)  # one op at once, then one a second
+    assert rig.held_everywhere() == (0, 0, 0, 0)
+    for _ in range(4):
+        rig.submit(0)
+    rig.submit(1)
+    assert rig.held_everywhere() == (4, 4, 4, 4)
+    rig.advance(1.0)
+    assert rig.held_everywhere() == (3, 3, 3, 3)
+    rig.impair(iops=1, latency=0.5)  # re-admitted under a fresh bucket (one at once), all 0.5 s later
+    assert rig.held_everywhere() == (3, 3, 3, 3)
+    rig.dev.queue_stopped(1)
+    assert rig.held_everywhere() == (2, 2, 2, 2)
+    rig.dev.reset()
+    assert rig.held_everywhere() == (0, 0, 0, 0)
+    rig.rings[0] = RawRing(rig.mem, rig.alloc, 16)  # the driver sets the ring up again
+    rig.queues[0], rig.next_desc[0] = rig.rings[0].device_queue(), 0
+    rig.submit(0)
+    rig.submit(0)
+    assert rig.held_everywhere() == (2, 2, 2, 2)
+    rig.dev.set_impairment(None)
+    assert rig.held_everywhere() == (0, 0, 0, 0) and rig.dev.impair_stats.holder is None
 
 
 def test_injected_errors_never_touch_storage():

@@ -5,8 +5,9 @@ on either direction raises every round trip by at least 2 ms, loss 1.0
 loses every ping until cleared. The ``stream`` command sends UDP into the
 guest at the rate asked for and stops. Bad commands are refused and change
 nothing; ``stream`` and ``--control`` are refused where they cannot work.
-A sans-IO check covers what the process tests cannot see: frames the guest
-sends are copied out of its RAM before their descriptors go back.
+Sans-IO checks cover what the process tests cannot see: frames the guest
+sends are copied out of its RAM before their descriptors go back, and the
+held count read by ``info`` and the metrics is what the lanes hold.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import tempfile
 import time
 
 import pytest
+from prometheus_client import generate_latest
 
+from simvirt import metrics
 from simvirt.bench.procs import DeviceProcess
 from simvirt.control import arequest, request
 from simvirt.devices.net.device import NetDevice
@@ -270,3 +273,54 @@ def test_held_tx_frames_are_copied_before_their_buffers_go_back():
     now[0] = 0.001
     timer.pending.pop()()
     assert peer.frames == [frame] and type(peer.frames[0]) is bytes
+
+
+def test_the_held_count_is_what_the_lanes_hold():
+    dev = NetDevice(mac=pk.parse_mac("52:54:00:12:34:57"), label="net-held")
+    dev.set_features(bit(VIRTIO_F_VERSION_1))
+    peer = dev.peer = _Capture()
+    timers: list[_Timer] = []
+    now = [0.0]
+
+    def impair(**fields) -> None:
+        dev.set_impairment(NetSettings(**fields), clock=lambda: now[0],
+                           timers=lambda: timers.append(_Timer()) or timers[-1])
+
+    def held() -> tuple[int, int, int, int]:
+        """(tx + rx held per info, ImpairStats.held, the /metrics gauge, frames the lanes hold)."""
+        info = dev.impair_info()
+        scraped = metrics.sample_sum(generate_latest(metrics.REGISTRY).decode(), "simvirt_impaired_held",
+                                     device=dev.label)
+        lanes = sum(len(lane) for lane in dev.impairer.lanes.values()) if dev.impairer is not None else 0
+        return info["tx"]["held"] + info["rx"]["held"], dev.impair_stats.held, int(scraped), lanes
+
+    mem = bytearray_memory(4 * MiB)
+    alloc = PageAllocator(0, 4 * MiB)
+    ring = RawRing(mem, alloc, 16)
+    frame = pk.pad_frame(pk.arp_frame(1, dev.mac, pk.ip_bytes("10.0.2.15"), bytes(6), GW))
+    impair(delay=0.001, direction="both")
+    for k in range(2):  # the guest transmits two frames
+        buf = alloc.alloc(4096)
+        mem.write(buf, ns.VirtioNetHdr().pack() + frame)
+        ring.push(ring.chain([(buf, ns.VIRTIO_NET_HDR_SIZE + len(frame), R)], first=k))
+    dev.process_queue(1, ring.device_queue(), QueueStats("t", "net-held", "1"))
+    dev.deliver([frame] * 3)  # and the peer sends it three
+    assert dev.impair_info()["rx"]["held"] == 3 and dev.impair_info()["tx"]["held"] == 2
+    assert held() == (5, 5, 5, 5) and dev.rx_held() == 3
+    now[0] = 0.001
+    timers[0].pending.pop()()  # the tx lane's timer
+    assert held() == (3, 3, 3, 3) and len(peer.frames) == 2
+    impair(delay=0.002, direction="rx")  # rx frames keep their times; tx has nothing held
+    assert held() == (3, 3, 3, 3)
+    impair(delay=0.002, direction="tx")  # rx no longer impaired: its frames go now (to the backlog)
+    assert held() == (0, 0, 0, 0) and len(dev.backlog) == 3
+    dev.deliver([frame])
+    assert held() == (0, 0, 0, 0) and len(dev.backlog) == 4  # not held: the rx direction is unimpaired
+    impair(delay=0.002, direction="rx")
+    dev.deliver([frame] * 2)
+    assert held() == (2, 2, 2, 2)
+    dev.reset()  # the receiving guest went away
+    assert held() == (0, 0, 0, 0)
+    dev.deliver([frame])
+    dev.set_impairment(None)
+    assert held() == (0, 0, 0, 0) and dev.impair_stats.holder is None
