@@ -1,13 +1,14 @@
-"""Start simvirt device processes for benchmarks and tests, and wait for their socket."""
+"""Start simvirt child processes (devices, VMs) for benchmarks, tests and runs, and wait for their sockets."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import IO, Mapping, Optional, Sequence
 
 from simvirt.devices.runner import PARENT_ENV
 
@@ -19,6 +20,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(cmd: Sequence[str], *, log_path: Optional[str] = None,
+          env: Optional[Mapping[str, str]] = None) -> tuple[subprocess.Popen[bytes], Optional[IO[bytes]]]:
+    """Start ``cmd`` as a child that exits when this process does; returns (process, open log or None).
+
+    The child gets ``SIMVIRT_PARENT_PID`` (on top of ``env``, default our
+    environment): simvirt children watch that pid and stop when it dies, so a
+    starter killed hard leaves no orphans holding sockets, RAM and ports.
+    With ``log_path`` the child's stdout and stderr are appended there (the
+    caller closes the returned file once the child is gone); without it stdout
+    is discarded and stderr stays ours, so a crash still shows.
+    """
+    child_env = dict(os.environ if env is None else env, **{PARENT_ENV: str(os.getpid())})
+    log = open(log_path, "ab") if log_path else None
+    try:
+        proc = subprocess.Popen(list(cmd), stdout=log if log is not None else subprocess.DEVNULL,
+                                stderr=log, env=child_env)
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
+    return proc, log
+
+
+class ChildExited(RuntimeError):
+    """The child died before the paths it should create appeared."""
+
+    def __init__(self, returncode: int, missing: str) -> None:
+        super().__init__(f"process exited with {returncode} before {missing} appeared")
+        self.returncode = returncode
+
+
+def _missing(paths: Sequence[str]) -> Optional[str]:
+    return next((p for p in paths if not os.path.exists(p)), None)
+
+
+def _check(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]], deadline: Optional[float],
+           timeout: Optional[float]) -> bool:
+    """One round of waiting: True when every path exists, an exception when waiting is pointless."""
+    missing = _missing(paths)
+    if missing is None:
+        return True
+    if proc is not None and proc.poll() is not None:
+        raise ChildExited(proc.returncode, missing)
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"{missing} did not appear in {timeout:g} s")
+    return False
+
+
+def wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]], timeout: Optional[float],
+                  *, interval: float = 0.02) -> None:
+    """Wait until all ``paths`` exist (a child's sockets), polling every ``interval`` s.
+
+    Raises :class:`ChildExited` if ``proc`` dies first (a child that crashed
+    would otherwise cost the whole timeout), :class:`TimeoutError` naming the
+    first missing path after ``timeout`` s.  ``proc=None`` skips the exit
+    check, ``timeout=None`` waits for ever.  Paths are checked before the
+    child, so one that made its sockets and then exited still counts as ready.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not _check(paths, proc, deadline, timeout):
+        time.sleep(interval)
+
+
+async def async_wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]],
+                              timeout: Optional[float], *, interval: float = 0.02) -> None:
+    """:func:`wait_for_path` for coroutines: sleeps with asyncio, so the event loop (drivers,
+    other restarts, the control socket) keeps running while a child starts."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not _check(paths, proc, deadline, timeout):
+        await asyncio.sleep(interval)
+
+
 class DeviceProcess:
     """``python -m simvirt device ...`` as a child, listening on a fresh socket path."""
 
@@ -27,20 +100,17 @@ class DeviceProcess:
         self.tmpdir = tempfile.mkdtemp(prefix="simvirt-")
         self.socket_path = socket_path or os.path.join(self.tmpdir, f"{kind}.sock")
         cmd = [sys.executable, "-m", "simvirt", "device", kind, "--socket", self.socket_path, *args]
-        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})   # the device exits with us
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log if log_path else None, env=env)
+        self.proc, self._log = spawn(cmd, log_path=log_path)
 
     def wait_ready(self, timeout: float = 20.0, also: Sequence[str] = ()) -> str:
         """Wait for the socket (and the ``also`` paths: a switch's other ports) to appear."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self.socket_path) and all(os.path.exists(p) for p in also):
-                return self.socket_path
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"device process exited with {self.proc.returncode}")
-            time.sleep(0.02)
-        raise TimeoutError(f"device socket {self.socket_path} did not appear")
+        try:
+            wait_for_path([self.socket_path, *also], self.proc, timeout)
+        except ChildExited as e:
+            raise RuntimeError(f"device process exited with {e.returncode}") from None
+        except TimeoutError:
+            raise TimeoutError(f"device socket {self.socket_path} did not appear") from None
+        return self.socket_path
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -50,8 +120,8 @@ class DeviceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()  # type: ignore[union-attr]
+        if self._log is not None:
+            self._log.close()
 
     def __enter__(self) -> "DeviceProcess":
         self.wait_ready()

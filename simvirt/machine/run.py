@@ -22,7 +22,7 @@ from rich.table import Table
 
 from simvirt import metrics
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
-from simvirt.bench.procs import DeviceProcess, free_port
+from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port
 from simvirt.bench.stats import percentiles_us
 from simvirt.devices.runner import install_uvloop
 from simvirt.drivers.blk import VirtioBlkDriver
@@ -189,11 +189,10 @@ class Machine:
                 pass
         proc = DeviceProcess(kind, args, socket_path=sock, log_path=log_path)
         self.procs[name] = proc
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            if proc.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the restarted device process did not come up (see {log_path})")
-            await asyncio.sleep(0.02)
+        try:
+            await async_wait_for_path([sock], proc.proc, 20)
+        except (ChildExited, TimeoutError):
+            raise RuntimeError(f"{name}: the restarted device process did not come up (see {log_path})") from None
         transport = self.transport_of(name)
         if self.balloon is not None and transport is self.balloon.transport:
             # The target lived in the dead process. The driver holds still (a new device says 0)
@@ -201,11 +200,17 @@ class Machine:
             self.balloon.reconnect()
             try:
                 if self.balloon_target is not None and self.balloon_ctl:
-                    while not os.path.exists(self.balloon_ctl):
-                        await asyncio.sleep(0.02)
-                    reply = await arequest(self.balloon_ctl, {"cmd": "balloon", "size": self.balloon_target})
-                    if not reply.get("ok"):
-                        self.console.log(f"[red]{name}: could not restore the balloon target: {reply.get('error')}[/]")
+                    try:
+                        # Bounded: a process that dies before its control socket appears must not
+                        # stall supervision of every device (the supervisor restarts it again).
+                        await async_wait_for_path([self.balloon_ctl], proc.proc, 20)
+                    except (ChildExited, TimeoutError) as e:
+                        self.console.log(f"[red]{name}: could not restore the balloon target: {e}[/]")
+                    else:
+                        reply = await arequest(self.balloon_ctl, {"cmd": "balloon", "size": self.balloon_target})
+                        if not reply.get("ok"):
+                            self.console.log(f"[red]{name}: could not restore the balloon target: "
+                                             f"{reply.get('error')}[/]")
             finally:
                 self.balloon.resume()
         elif transport is not None:

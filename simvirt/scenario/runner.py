@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,9 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from simvirt import metrics
-from simvirt.bench.procs import DeviceProcess, free_port
+from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port, spawn
 from simvirt.control import arequest
-from simvirt.devices.runner import PARENT_ENV
 from simvirt.machine.federate import machine_registry
 from simvirt.scenario.spec import Scenario
 
@@ -53,9 +51,7 @@ class VmProcess:
                "--scale", repr(scale), "--metrics-port", str(self.metrics_port)]
         for dev, path in ports.items():
             cmd += ["--port", f"{dev}={path}"]
-        self._log = open(self.log_path, "ab")
-        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
+        self.proc, self._log = spawn(cmd, log_path=self.log_path)
 
     def log_tail(self, n: int = 15) -> str:
         try:
@@ -66,14 +62,13 @@ class VmProcess:
         return "\n".join(lines[-n:])
 
     async def wait_ready(self, timeout: float = VM_START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.control):
-            if self.proc.poll() is not None:
-                raise ScenarioRunError(f"VM {self.name} exited with {self.proc.returncode} while starting:\n"
-                                       f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ScenarioRunError(f"VM {self.name} did not come up in {timeout:.0f} s:\n{self.log_tail()}")
-            await asyncio.sleep(0.05)
+        try:
+            await async_wait_for_path([self.control], self.proc, timeout, interval=0.05)
+        except ChildExited as e:
+            raise ScenarioRunError(f"VM {self.name} exited with {e.returncode} while starting:\n"
+                                   f"{self.log_tail()}") from None
+        except TimeoutError:
+            raise ScenarioRunError(f"VM {self.name} did not come up in {timeout:.0f} s:\n{self.log_tail()}") from None
 
     async def request(self, msg: dict, timeout: float = 10.0) -> dict:
         reply = await arequest(self.control, msg, timeout=timeout)
@@ -95,7 +90,8 @@ class VmProcess:
             else:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
 
 class ScenarioRun:
