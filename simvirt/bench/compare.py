@@ -11,12 +11,11 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from dataclasses import replace
 from typing import Optional
 
 from simvirt.bench.blk import BlkBenchOptions, run_blk_bench
-from simvirt.bench.procs import DeviceProcess
+from simvirt.bench.procs import ChildExited, DeviceProcess, wait_for_path
 
 
 class QsdProcess:
@@ -38,13 +37,12 @@ class QsdProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait_ready(self, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket_path):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu-storage-daemon exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("qemu-storage-daemon socket did not appear")
-            time.sleep(0.02)
+        try:
+            wait_for_path([self.socket_path], self.proc, timeout)
+        except ChildExited:
+            raise RuntimeError(f"qemu-storage-daemon exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}") from None
+        except TimeoutError:
+            raise TimeoutError("qemu-storage-daemon socket did not appear") from None
         return self.socket_path
 
     def stop(self) -> None:

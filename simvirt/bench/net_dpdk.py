@@ -13,11 +13,10 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
-from simvirt.bench.procs import free_port
+from simvirt.bench.procs import DeviceProcess, free_port, wait_for_path
 from simvirt.metrics import scrape
 
 
@@ -44,36 +43,26 @@ def _last(pattern: str, out: str) -> int:
     return int(m[-1])
 
 
-def _wait(path: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
 def run_net_dpdk_bench(runtime: float) -> dict:
     tmp = tempfile.mkdtemp(prefix="simvirt-dpdk-")
     tag = str(os.getpid())
     # 1. virtio_user -> simvirt device net (responder discards what is not for it)
     sock = os.path.join(tmp, "simvirt.sock")
     port = free_port()
-    dev = subprocess.Popen([sys.executable, "-m", "simvirt", "device", "net", "--socket", sock,
-                            "--metrics-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dev = DeviceProcess("net", ["--metrics-port", str(port)], socket_path=sock)
     try:
-        _wait(sock)
+        dev.wait_ready()
         fe = _testpmd(f"net_virtio_user0,path={sock},queues=1", "txonly", f"sa{tag}")
         time.sleep(runtime)
         _stop(fe)
         ours = scrape(port, "simvirt_requests_total", op="tx")
     finally:
-        dev.terminate()
-        dev.wait(10)
+        dev.stop()
     # 2. virtio_user -> DPDK net_vhost0 (rxonly)
     vsock = os.path.join(tmp, "vhost.sock")
     be = _testpmd(f"net_vhost0,iface={vsock},queues=1", "rxonly", f"vb{tag}")
     try:
-        _wait(vsock)
+        wait_for_path([vsock], be, 15.0)  # type: ignore[arg-type]  # testpmd's Popen is text-mode
         fe = _testpmd(f"net_virtio_user0,path={vsock},queues=1", "txonly", f"va{tag}")
         time.sleep(runtime)
         _stop(fe)
