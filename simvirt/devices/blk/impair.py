@@ -22,7 +22,6 @@ another only as much as the shared limiter says.
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Optional
 
 from simvirt import metrics
@@ -35,8 +34,6 @@ from simvirt.virtio.queue import Queue
 
 if TYPE_CHECKING:
     from simvirt.devices.blk.device import BlkDevice
-
-log = logging.getLogger(__name__)
 
 
 def _data_bytes(queue: Queue, head: int) -> int:

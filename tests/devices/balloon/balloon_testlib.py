@@ -260,14 +260,12 @@ class RawBalloon:
 
     def wait_used(self, index: int, n: int = 1, timeout: float = 5.0) -> list[tuple[Any, int]]:
         got: list[tuple[Any, int]] = []
-        deadline = time.monotonic() + timeout
-        while len(got) < n:
-            got += self.used(index)
-            if len(got) >= n:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"ring {index}: {len(got)} of {n} used buffers came back within {timeout} s")
-            time.sleep(0.001)
+
+        def enough() -> bool:
+            got.extend(self.used(index))
+            return len(got) >= n
+
+        wait_for(enough, timeout, what=f"{n} used buffers on ring {index}", interval=0.001)
         return got
 
     def assert_no_used(self, index: int, wait: float = 0.2) -> None:
