@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Optional
 
 from simvirt.bench.blk import BlkBenchOptions, run_blk_bench
-from simvirt.bench.procs import ChildExited, DeviceProcess, wait_for_path
+from simvirt.bench.procs import ChildExited, DeviceProcess, stop_child, wait_for_path
 
 
 class QsdProcess:
@@ -46,11 +46,7 @@ class QsdProcess:
         return self.socket_path
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_child(self.proc)
 
 
 async def run_compare(o: BlkBenchOptions, rounds: int = 5) -> dict:

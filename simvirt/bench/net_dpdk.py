@@ -62,7 +62,7 @@ def run_net_dpdk_bench(runtime: float) -> dict:
     vsock = os.path.join(tmp, "vhost.sock")
     be = _testpmd(f"net_vhost0,iface={vsock},queues=1", "rxonly", f"vb{tag}")
     try:
-        wait_for_path([vsock], be, 15.0)  # type: ignore[arg-type]  # testpmd's Popen is text-mode
+        wait_for_path([vsock], be, 15.0)
         fe = _testpmd(f"net_virtio_user0,path={vsock},queues=1", "txonly", f"va{tag}")
         time.sleep(runtime)
         _stop(fe)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import IO, Mapping, Optional, Sequence
+from typing import IO, Any, Mapping, Optional, Sequence
 
 from simvirt.devices.runner import PARENT_ENV
 
@@ -55,7 +55,7 @@ def _missing(paths: Sequence[str]) -> Optional[str]:
     return next((p for p in paths if not os.path.exists(p)), None)
 
 
-def _check(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]], deadline: Optional[float],
+def _check(paths: Sequence[str], proc: Optional[subprocess.Popen[Any]], deadline: Optional[float],
            timeout: Optional[float]) -> bool:
     """One round of waiting: True when every path exists, an exception when waiting is pointless."""
     missing = _missing(paths)
@@ -68,7 +68,7 @@ def _check(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]], deadli
     return False
 
 
-def wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]], timeout: Optional[float],
+def wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[Any]], timeout: Optional[float],
                   *, interval: float = 0.02) -> None:
     """Wait until all ``paths`` exist (a child's sockets), polling every ``interval`` s.
 
@@ -83,13 +83,24 @@ def wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]],
         time.sleep(interval)
 
 
-async def async_wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[bytes]],
+async def async_wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Popen[Any]],
                               timeout: Optional[float], *, interval: float = 0.02) -> None:
     """:func:`wait_for_path` for coroutines: sleeps with asyncio, so the event loop (drivers,
     other restarts, the control socket) keeps running while a child starts."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not _check(paths, proc, deadline, timeout):
         await asyncio.sleep(interval)
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; always reaped, so no zombie outlives its starter."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class DeviceProcess:
@@ -113,13 +124,7 @@ class DeviceProcess:
         return self.socket_path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc)
         if self._log is not None:
             self._log.close()
 

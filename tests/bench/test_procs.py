@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, spawn, wait_for_path
+from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, spawn, stop_child, wait_for_path
 from simvirt.devices.runner import PARENT_ENV
 
 
@@ -153,3 +153,20 @@ def test_device_process_keeps_its_messages(tmp_path):
     finally:
         dp.stop()
     assert dp._log is not None and dp._log.closed
+
+
+def test_stop_child_terminates_a_polite_child(children):
+    proc = _spawn(children, _python("import time; time.sleep(30)"))
+    stop_child(proc)
+    assert proc.returncode == -15
+
+
+def test_stop_child_kills_and_reaps_a_child_that_ignores_sigterm(tmp_path, children):
+    ready = tmp_path / "ready"
+    proc = _spawn(children, _python(
+        f"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); open({str(ready)!r}, 'w').close(); time.sleep(30)"))
+    wait_for_path([str(ready)], proc, 10)
+    stop_child(proc, timeout=0.3)
+    assert proc.returncode == -9
+    with pytest.raises(ChildProcessError):
+        os.waitpid(proc.pid, os.WNOHANG)   # already reaped: no zombie left behind

@@ -265,7 +265,10 @@ class RawBalloon:
             got.extend(self.used(index))
             return len(got) >= n
 
-        wait_for(enough, timeout, what=f"{n} used buffers on ring {index}", interval=0.001)
+        try:
+            wait_for(enough, timeout, interval=0.001)
+        except AssertionError:
+            raise AssertionError(f"ring {index}: {len(got)} of {n} used buffers came back within {timeout} s") from None
         return got
 
     def assert_no_used(self, index: int, wait: float = 0.2) -> None:
