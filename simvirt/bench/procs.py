@@ -30,12 +30,17 @@ def spawn(cmd: Sequence[str], *, log_path: Optional[str] = None,
     With ``log_path`` the child's stdout and stderr are appended there (the
     caller closes the returned file once the child is gone); without it stdout
     is discarded and stderr stays ours, so a crash still shows.
+
+    The child leads its own process group: a Ctrl-C at the terminal reaches
+    only the starter, which then winds its workloads down while the devices
+    still serve them, and stops its children itself (QEMU's backends are
+    not the terminal's to kill either).
     """
     child_env = dict(os.environ if env is None else env, **{PARENT_ENV: str(os.getpid())})
     log = open(log_path, "ab") if log_path else None
     try:
         proc = subprocess.Popen(list(cmd), stdout=log if log is not None else subprocess.DEVNULL,
-                                stderr=log, env=child_env)
+                                stderr=log, env=child_env, process_group=0)
     except BaseException:
         if log is not None:
             log.close()
@@ -92,15 +97,27 @@ async def async_wait_for_path(paths: Sequence[str], proc: Optional[subprocess.Po
         await asyncio.sleep(interval)
 
 
-def stop_child(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` s; always reaped, so no zombie outlives its starter."""
-    if proc.poll() is None:
-        proc.terminate()
+def stop_children(procs: Sequence[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
+    """SIGTERM to every child at once, SIGKILL to those still up ``timeout`` s later; all reaped.
+
+    Signalling all before waiting on any bounds a machine's shutdown by one
+    timeout, not one per device; reaping means no zombie outlives its starter.
+    """
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in live:
         try:
-            proc.wait(timeout)
+            p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            p.kill()
+            p.wait()
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """:func:`stop_children` for one child."""
+    stop_children([proc], timeout)
 
 
 class DeviceProcess:

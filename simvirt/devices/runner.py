@@ -1,4 +1,5 @@
-"""Run one device as its own OS process: uvloop, signals, metrics, reconnects."""
+"""Run one device as its own OS process: uvloop, signals, metrics, reconnects; the process-lifecycle
+helpers (signals, parent watch) that the machine and scenario processes share."""
 from __future__ import annotations
 
 import asyncio
@@ -62,6 +63,24 @@ async def serve_device(device: VirtioDevice, socket_path: str, *, metrics_port: 
             loop.remove_reader(parent_fd)
             os.close(parent_fd)
         log.info("%s: stopped", device.label)
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGINT/SIGTERM sets ``stop`` (wind down, report); a second one acts as if unhandled.
+
+    A run interrupted once still owes its user the report of what it did; a
+    user who presses Ctrl-C again wants out now (KeyboardInterrupt, or the
+    default SIGTERM death: the children's parent watch then stops them).
+    """
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
+    def first() -> None:
+        stop.set()
+        for s in sigs:
+            loop.remove_signal_handler(s)
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, first)
 
 
 PARENT_ENV = "SIMVIRT_PARENT_PID"

@@ -67,8 +67,12 @@ class DriverQueueHandle:
         self._flushed = (0, 0, 0)
 
     def publish(self) -> None:
-        """Expose new chains; kick only if the device asked for it."""
-        if self.queue.publish():
+        """Expose new chains; kick only if the device asked for it.
+
+        After :meth:`VhostUserTransport.stop` the kick fd is -1: a publish
+        deferred to the loop before the stop kicks nobody (the fd number may
+        already belong to another file)."""
+        if self.queue.publish() and self.kick_fd >= 0:
             os.eventfd_write(self.kick_fd, 1)
             self.kicks += 1
         else:
@@ -327,6 +331,7 @@ class VhostUserTransport:
                 pass
             os.close(h.kick_fd)
             os.close(h.call_fd)
+            h.kick_fd = h.call_fd = -1
         self.queues.clear()
         self._close_backend_req()
         self.fe.close()

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import tempfile
 import time
 from typing import Callable, Optional
@@ -22,9 +21,9 @@ from rich.table import Table
 
 from simvirt import metrics
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
-from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port
+from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port, stop_children
 from simvirt.bench.stats import percentiles_us
-from simvirt.devices.runner import install_uvloop
+from simvirt.devices.runner import install_uvloop, stop_on_signals
 from simvirt.drivers.blk import VirtioBlkDriver
 from simvirt.drivers.transport import VhostUserTransport
 from simvirt.control import ControlError, arequest, serve_control
@@ -266,8 +265,9 @@ class Machine:
                 drv.close()
             except OSError:
                 pass
+        stop_children([p.proc for p in self.procs.values()])
         for p in self.procs.values():
-            p.stop()
+            p.stop()            # reaped already: closes its log
         if self.mem is not None:
             self.mem.close()
         for dev in self.cfg.devices:
@@ -293,13 +293,27 @@ def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], ela
     return t
 
 
-async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float) -> dict:
-    """A net workload: pings to ``target`` or a UDP stream to its discard port, for ``duration``."""
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([waiter], timeout=max(0.0, seconds))
+    finally:
+        waiter.cancel()
+
+
+async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float, stop: asyncio.Event) -> dict:
+    """A net workload: pings to ``target`` or a UDP stream to its discard port, for ``duration``.
+
+    Ends early when ``stop`` is set (SIGTERM): the loop checks it rather than
+    relying on cancellation, which ``asyncio.wait_for`` can swallow when the
+    awaited reply lands in the same iteration.
+    """
     target = ip_bytes(wl.target)
     deadline = time.monotonic() + duration
     if wl.mode == "ping":
         rtts, lost, seq = [], 0, 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             rtt = await stack.ping(target, seq)
             seq += 1
             if rtt is None:
@@ -307,10 +321,15 @@ async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float) ->
             else:
                 rtts.append(rtt)
             if wl.interval:
-                await asyncio.sleep(wl.interval)
+                await _sleep_unless(stop, wl.interval)
         return {"target": wl.target, "sent": seq, "lost": lost, "rtt_us": percentiles_us(rtts)}
     tx = TxRunner(StreamJob("udp-tx", "", wl.device, target=wl.target, frame_size=wl.frame_size), stack)
-    await tx.run(deadline)
+    halt = asyncio.ensure_future(stop.wait())
+    halt.add_done_callback(lambda _f: tx.halt())
+    try:
+        await tx.run(deadline)
+    finally:
+        halt.cancel()
     s = tx.detail()["stream"]
     return {"target": wl.target, "frames": s["frames"], "pps": s["pps"], "gbps": s["gbps"]}
 
@@ -338,8 +357,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
     port = metrics_port if metrics_port is not None else cfg.metrics_port
     metrics.mark_process(cfg.name, "driver")
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(loop, stop)
     supervisor = None
     try:
         m.start(loop)
@@ -373,7 +391,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
         # Balloon steps are timed from here, where the workloads start (after any prefill).
         scripts = [asyncio.ensure_future(_balloon_script(m, wl, console))
                    for wl in cfg.workloads if isinstance(wl, BalloonWorkloadConfig)]
-        net_jobs = [(wl, asyncio.ensure_future(_net_job(m.nets[wl.device], wl, cfg.duration)))
+        net_jobs = [(wl, asyncio.ensure_future(_net_job(m.nets[wl.device], wl, cfg.duration, stop)))
                     for wl in cfg.workloads if isinstance(wl, NetWorkloadConfig)]
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(run.run(cfg.duration)) for _, run in runs]
@@ -392,9 +410,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             await asyncio.gather(*tasks)
         if not runs and (scripts or net_jobs) and not stop.is_set():
             # No disk workload sets the pace: the machine runs for its duration (or until stopped).
-            done_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([done_wait], timeout=max(0.0, cfg.duration - (time.monotonic() - t0)))
-            done_wait.cancel()
+            await _sleep_unless(stop, cfg.duration - (time.monotonic() - t0))
         net_results = []
         for wl, job in net_jobs:
             try:
@@ -431,7 +447,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 "devices": [{"name": d.name, "type": d.type, "backend": getattr(d, "backend", None),
                              "size": getattr(d, "size", None), "pid": m.procs[d.name].proc.pid} for d in cfg.devices],
                 "workloads": results, "net": net_results, "balloon": balloon_info,
-                "restarts": m.restart_log,
+                "restarts": m.restart_log, "stopped_early": stop.is_set(),
                 "ok": ok and all(not n.get("error") and not n.get("lost") for n in net_results)}
     finally:
         m.stopping = True
@@ -442,7 +458,8 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
 
 
 def _summary(console: Console, r: dict) -> None:
-    t = Table(title=f"summary: machine '{r['machine']}' ({r['config']}), {r['duration_s']} s")
+    early = " (stopped early by signal)" if r.get("stopped_early") else ""
+    t = Table(title=f"summary: machine '{r['machine']}' ({r['config']}), {r['duration_s']} s{early}")
     for col in ("device", "workload", "IOPS", "MB/s", "p50 us", "p99 us", "errors", "verified"):
         t.add_column(col)
     for w in r["workloads"]:

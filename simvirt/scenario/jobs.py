@@ -41,6 +41,35 @@ class JobRunner:
         self.started = 0.0
         self.ended: Optional[float] = None     # when the load stopped, if checks ran after it
         self.elapsed = 0.0
+        self.halted = False
+        self._halt: Optional[asyncio.Event] = None
+
+    def halt(self) -> None:
+        """End the load before its deadline (the run is being stopped, SIGINT/SIGTERM).
+
+        Every runner's loop checks :meth:`live` and sleeps with :meth:`until`,
+        so it winds down at its next step: requests in flight complete and
+        verification still runs, which cancellation could not promise.
+        """
+        self.halted = True
+        if self._halt is not None:
+            self._halt.set()
+
+    def live(self, deadline: float) -> bool:
+        """Keep going: before ``deadline`` and not halted."""
+        return not self.halted and time.monotonic() < deadline
+
+    async def until(self, t: float) -> None:
+        """Sleep until monotonic time ``t``, or less if halted meanwhile."""
+        if self.halted:
+            return
+        if self._halt is None:
+            self._halt = asyncio.Event()
+        waiter = asyncio.ensure_future(self._halt.wait())
+        try:
+            await asyncio.wait([waiter], timeout=max(0.0, t - time.monotonic()))
+        finally:
+            waiter.cancel()
 
     def latency(self) -> LatencyHistogram:
         return self.hist
@@ -105,6 +134,11 @@ class BlkRunner(JobRunner):
         self.verified: Optional[bool] = None
         self.read_back = 0
 
+    def halt(self) -> None:
+        super().halt()
+        for w in self.works:
+            w.stop_at = 0       # no new I/O; what is in flight completes
+
     def refresh(self) -> None:
         self.ops = sum(w.ios for w in self.works)
         self.nbytes = self.ops * self.spec.bs
@@ -124,7 +158,8 @@ class BlkRunner(JobRunner):
                 await prefill(self.drv, w, w.o)
         runtime = max(0.0, min(self.runtime, deadline - time.monotonic()))
         self.started = time.monotonic()
-        await asyncio.gather(*(w.run(runtime) for w in self.works))
+        if not self.halted:
+            await asyncio.gather(*(w.run(runtime) for w in self.works))
         self.ended = time.monotonic()
         if spec.verify:
             bad = 0
@@ -187,7 +222,7 @@ class PingRunner(JobRunner):
         payload = bytes(spec.size)
         pending: set[asyncio.Task] = set()
         next_t = time.monotonic()
-        while time.monotonic() < deadline:
+        while self.live(deadline):
             seq, self.sent = self.sent, self.sent + 1
             if not spec.interval:
                 await self._one(target, seq, payload)
@@ -196,7 +231,7 @@ class PingRunner(JobRunner):
             pending.add(task)
             task.add_done_callback(pending.discard)
             next_t += spec.interval
-            await asyncio.sleep(max(0.0, min(next_t, deadline) - time.monotonic()))
+            await self.until(min(next_t, deadline))
         if pending:          # the last requests get their full timeout, as ping -w does
             await asyncio.gather(*pending)
 
@@ -224,12 +259,12 @@ class TxRunner(JobRunner):
         next_t = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= deadline:
+            if not self.live(deadline):
                 break
             burst_max = 32
             if gap:
                 if now < next_t:
-                    await asyncio.sleep(min(next_t - now, deadline - now))
+                    await self.until(min(next_t, deadline))
                     continue
                 burst_max = min(32, 1 + int((now - next_t) / gap))
             burst = 0
@@ -269,8 +304,8 @@ class RxRunner(JobRunner):
             if not reply.get("ok"):
                 raise RuntimeError(f"{spec.name}: the device refused to stream: {reply.get('error')}")
         try:
-            while time.monotonic() < deadline:
-                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            while self.live(deadline):
+                await self.until(min(time.monotonic() + 0.05, deadline))
                 self.ops = self.drv.rx_frames - f0
                 self.nbytes = self.drv.rx_bytes - b0
         finally:
@@ -310,7 +345,7 @@ class UdpRRRunner(JobRunner):
         payload = os.urandom(spec.size)
         self.stack.udp_handlers[self.sport] = self._reply
         try:
-            while time.monotonic() < deadline:
+            while self.live(deadline):
                 self._waiting = loop.create_future()
                 t0 = time.perf_counter_ns()
                 await self.stack.udp_send(target, spec.port, self.sport, payload)
@@ -342,12 +377,14 @@ class BalloonRunner(JobRunner):
         spec = self.spec
         assert isinstance(spec, BalloonJob)
         m = self.m
-        await asyncio.sleep(max(0.0, self.t_phase + spec.at - time.monotonic()))
+        await self.until(self.t_phase + spec.at)
+        if self.halted:
+            return
         assert m.balloon_ctl is not None
         t0 = time.monotonic()
         await m.control({"cmd": "balloon", "size": spec.target})
         want = (m.cfg.ram - spec.target) // 4096
-        while time.monotonic() < deadline:
+        while self.live(deadline):
             stats = await arequest(m.balloon_ctl, {"cmd": "balloon-stats"})
             self.out["actual"] = m.cfg.ram - stats.get("actual_pages", 0) * 4096
             if stats.get("actual_pages") == want:
@@ -356,8 +393,9 @@ class BalloonRunner(JobRunner):
                 break
             await asyncio.sleep(0.02)
         else:
-            self.errors += 1
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            if not self.halted:       # stopped before the guest could follow: not a failure
+                self.errors += 1
+        await self.until(deadline)
 
     def detail(self) -> dict[str, Any]:
         return {"balloon": self.out}
@@ -378,12 +416,12 @@ class PressureRunner(JobRunner):
         assert isinstance(spec, PressureJob)
         m = self.m
         assert m.alloc is not None and m.mem is not None
-        await asyncio.sleep(max(0.0, self.t_phase + spec.at - time.monotonic()))
+        await self.until(self.t_phase + spec.at)
         t0 = time.monotonic()
         chunk = 256           # pages per allocation: big enough to be quick, small enough to fit in fragments
         need = -(-spec.size // 4096)
         try:
-            while need > 0 and time.monotonic() < deadline:
+            while need > 0 and self.live(deadline):
                 n = min(chunk, need)
                 try:
                     gpa = m.alloc.alloc_pages(n)
@@ -400,11 +438,12 @@ class PressureRunner(JobRunner):
                 self.ops += n
                 self.nbytes += n * 4096
                 await asyncio.sleep(0)
-            self.out["took_s"] = round(time.monotonic() - t0, 3)
+            if need <= 0:
+                self.out["took_s"] = round(time.monotonic() - t0, 3)
         except OutOfGuestMemory as e:
             self.errors += 1
             self.out["error"] = f"guest out of memory after {self.out['allocated']} bytes: {e}"
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        await self.until(deadline)
 
     def detail(self) -> dict[str, Any]:
         return {"pressure": self.out}

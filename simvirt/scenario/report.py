@@ -143,6 +143,11 @@ def render_summary(console: Console, results: dict[str, Any]) -> None:
             console.print(describe_fault(phase, fault), highlight=False)
     for err in results.get("errors") or []:
         console.print(f"[red]error:[/] {err}", highlight=False)
+    if results.get("stopped_early"):
+        ran = results.get("phases") or []
+        cut = [p.get("name", "?") for p in ran if p.get("stopped_early")]
+        console.print(f"[yellow]stopped early by signal:[/] {len(ran)} of the scenario's phases ran"
+                      + (f", '{cut[0]}' cut short" if cut else ""), highlight=False)
     console.print("[bold green]OK[/]" if results.get("ok") else "[bold red]FAILED[/]")
 
 

@@ -24,6 +24,7 @@ from rich.table import Table
 from simvirt import metrics
 from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port, spawn
 from simvirt.control import arequest
+from simvirt.devices.runner import stop_on_signals
 from simvirt.machine.federate import machine_registry
 from simvirt.scenario.spec import Scenario
 
@@ -104,6 +105,7 @@ class ScenarioRun:
         self.switches: dict[str, DeviceProcess] = {}
         self.vms: dict[str, VmProcess] = {}
         self.live_rates: dict[str, dict[str, float]] = {}
+        self.interrupted = asyncio.Event()   # SIGINT/SIGTERM: end the running phase now, run no more
 
     def _start_switches(self) -> dict[str, dict[str, str]]:
         """One switch process per name, one socket per port; returns vm -> {device: socket}."""
@@ -158,9 +160,15 @@ class ScenarioRun:
                                                    timeout=phase.duration + 120)) for v in self.vms.values()]
         last: dict[str, tuple[float, int, int]] = {}
         self.live_rates.clear()           # this phase's jobs only
+        halted = False
         try:
             while not all(r.done() for r in results):
                 await asyncio.wait(results, timeout=0.5)
+                if self.interrupted.is_set() and not halted:
+                    halted = True
+                    self.console.log(f"[yellow]stopping: phase '{phase.name}' ends now[/]")
+                    await asyncio.gather(*(v.request({"cmd": "halt", "index": index}) for v in self.vms.values()),
+                                         return_exceptions=True)
                 if live is not None and progress is not None and task is not None:
                     progress.update(task, completed=min(phase.duration, time.monotonic() - start))
                     await self._poll_rates(last)
@@ -191,7 +199,7 @@ class ScenarioRun:
         imps = [{"vm": i.vm, "device": i.device, **{k: v for k, v in vars(i).items() if k not in ("vm", "device")}}
                 for i in phase.impairments]
         return {"name": phase.name, "index": index, "start_s": round(start - t0, 3),
-                "duration_s": phase.duration, "impairments": imps, "faults": faults, "jobs": jobs,
+                "duration_s": phase.duration, "stopped_early": halted, "impairments": imps, "faults": faults, "jobs": jobs,
                 "errors": errors}
 
     async def _poll_rates(self, last: dict[str, tuple[float, int, int]]) -> None:
@@ -235,6 +243,7 @@ async def run_scenario(scenario: Scenario, scenario_arg: str, *, scale: float = 
     phases: list[dict] = []
     vms: list[dict] = []
     t0 = time.monotonic()
+    stop_on_signals(asyncio.get_running_loop(), run.interrupted)
     try:
         vms = await run.start()
         if metrics_port is not None:
@@ -248,10 +257,12 @@ async def run_scenario(scenario: Scenario, scenario_arg: str, *, scale: float = 
                             "{task.total:g} s"), TimeRemainingColumn(), console=console)
             with Live(run._live_view(prog, "-"), console=console, refresh_per_second=4) as live:
                 for i in range(len(scenario.phases)):
-                    phases.append(await run.run_phase(i, t0, live, prog))
+                    if not run.interrupted.is_set():
+                        phases.append(await run.run_phase(i, t0, live, prog))
         else:
             for i in range(len(scenario.phases)):
-                phases.append(await run.run_phase(i, t0, None, None))
+                if not run.interrupted.is_set():
+                    phases.append(await run.run_phase(i, t0, None, None))
         for v in run.vms.values():
             info = await v.request({"cmd": "info"})
             for vm in vms:
@@ -267,7 +278,8 @@ async def run_scenario(scenario: Scenario, scenario_arg: str, *, scale: float = 
     ok = not errors and all(_job_ok(j) for ph in phases for j in ph["jobs"])
     return {"scenario": scenario.name, "description": scenario.description, "source": scenario.source,
             "seed": scenario.seed, "duration_scale": scale, "started": started,
-            "elapsed_s": round(time.monotonic() - t0, 2), "vms": vms, "phases": phases, "ok": ok, "errors": errors}
+            "elapsed_s": round(time.monotonic() - t0, 2), "vms": vms, "phases": phases,
+            "stopped_early": run.interrupted.is_set(), "ok": ok, "errors": errors}
 
 
 _NET_KINDS = ("ping", "udp-rr", "tx", "rx")

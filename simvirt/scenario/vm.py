@@ -11,6 +11,8 @@ through a msgpack control socket:
   all processes), timeline times relative to ``t0``;
 - ``status``: live counters per job, for progress displays;
 - ``result {index}``: waits for the phase to end, then its job results;
+- ``halt {index}``: end the phase now (the run was interrupted): jobs wind
+  down at their next step, verification still runs;
 - ``quit``.
 """
 from __future__ import annotations
@@ -62,12 +64,30 @@ class PhaseRun:
         self.faults: list[dict] = []
         self.errors: list[str] = []
         self.task: Optional[asyncio.Task] = None
+        self.halted = asyncio.Event()
+
+    def halt(self) -> None:
+        """End the phase early: every runner, the sampler and the faults stop waiting for ``end``."""
+        self.halted.set()
+        self.end = min(self.end, time.monotonic())
+        for r in self.runners:
+            r.halt()
+
+    async def _until(self, t: float) -> None:
+        """Sleep until monotonic ``t``, or less if the phase is halted meanwhile."""
+        if self.halted.is_set():
+            return
+        waiter = asyncio.ensure_future(self.halted.wait())
+        try:
+            await asyncio.wait([waiter], timeout=max(0.0, t - time.monotonic()))
+        finally:
+            waiter.cancel()
 
     def mine(self, items: list) -> list:
         return [x for x in items if x.vm == self.vm.spec.name]
 
     async def run(self) -> dict:
-        await asyncio.sleep(max(0.0, self.start - time.monotonic()))
+        await self._until(self.start)
         m = self.vm.machine
         impaired = []
         for imp in self.mine(self.phase.impairments):
@@ -80,6 +100,8 @@ class PhaseRun:
                 self.errors.append(f"{job.name}: {e}")
         for r in self.runners:
             self.timelines[r.spec.name] = []
+            if self.halted.is_set():
+                r.halt()
         sampler = asyncio.ensure_future(self._sample())
         fault_tasks = [asyncio.ensure_future(self._fault(f)) for f in self.mine(self.phase.faults)]
         outcomes = await asyncio.gather(*(r.run(self.end) for r in self.runners), return_exceptions=True)
@@ -129,10 +151,10 @@ class PhaseRun:
         k = 1
         # Whole seconds, then the phase end itself: work after it (verification reads) is not load.
         while self.start + k * SAMPLE_S < self.end - 0.05:
-            await asyncio.sleep(max(0.0, self.start + k * SAMPLE_S - time.monotonic()))
+            await self._until(self.start + k * SAMPLE_S)
             self._take_sample(time.monotonic())
             k += 1
-        await asyncio.sleep(max(0.0, self.end - time.monotonic()))
+        await self._until(self.end)
         self._take_sample(time.monotonic())
 
     def _take_sample(self, now: float) -> None:
@@ -155,7 +177,9 @@ class PhaseRun:
     # -- faults -----------------------------------------------------------
     async def _fault(self, f: Fault) -> None:
         m = self.vm.machine
-        await asyncio.sleep(max(0.0, self.start + f.at - time.monotonic()))
+        await self._until(self.start + f.at)
+        if self.halted.is_set():
+            return              # the phase ended before the fault was due
         proc = m.procs.get(f.device)
         out: dict[str, Any] = {"vm": f.vm, "device": f.device, "action": f.action,
                                "at_s": round(time.monotonic() - self.start, 3), "old_pid": None, "new_pid": None,
@@ -176,7 +200,7 @@ class PhaseRun:
         else:
             os.kill(pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(f.duration)
+                await self._until(time.monotonic() + f.duration)
             finally:
                 os.kill(pid, signal.SIGCONT)
         # Recovered when every job on the device completes something after the fault.
@@ -192,7 +216,7 @@ class PhaseRun:
             out["recovered_s"] = out["guest_saw"]["stall_s"] = round(time.monotonic() - t_fault, 3)
         if f.action == "kill":
             await self._reimpair(f.device, pid)
-        await asyncio.sleep(max(0.0, self.end - time.monotonic()))
+        await self._until(self.end)
         out["new_pid"] = m.procs[f.device].proc.pid
         saw = out["guest_saw"]
         for r, (_, err0), mx0 in zip(affected, before, max_before):
@@ -244,6 +268,12 @@ class VmHost:
             if run is None or run.task is None:
                 raise ControlError(f"phase {req.get('index')} was not started")
             return await run.task
+        if cmd == "halt":
+            run = self.phases.get(int(req["index"]))
+            if run is None:
+                raise ControlError(f"phase {req.get('index')} was not started")
+            run.halt()
+            return {}
         if cmd == "quit":
             self.quit.set()
             return {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -282,4 +283,38 @@ def test_fixed_requests_reuse_one_chain(dev):
             assert await drv.read(30000, 4096) == blocks[0]
         finally:
             close_driver(drv, mem)
+    run(go())
+
+
+def test_a_publish_deferred_past_close_kicks_no_reused_fd(dev):
+    """A request queued, then the driver closed before the loop ran the deferred publish (a second
+    Ctrl-C does this): the publish must not write to the old kick fd's number, which the next
+    open file may already hold."""
+    async def go():
+        drv, mem = await open_driver(dev.socket_path)
+        errors: list[dict] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        try:
+            bq = drv.queues[0]
+            buf = drv.transport.alloc.alloc(4096)
+            kick_fd = drv.transport.queues[bq.h.index].kick_fd
+            drv.submit(bq, s.VIRTIO_BLK_T_IN, 0, [(buf, 4096)], lambda st, n: None)
+            assert bq.publish_pending
+            drv.close()
+            r, w = os.pipe()             # lowest free numbers: the kick fd's number comes back
+            try:
+                await asyncio.sleep(0.05)
+                os.set_blocking(r, False)
+                reused = kick_fd in (r, w)
+                stray = os.read(r, 64) if reused and r != kick_fd else b""
+            except BlockingIOError:
+                stray = b""
+            finally:
+                os.close(r)
+                os.close(w)
+            assert errors == []
+            assert stray == b""
+        finally:
+            mem.close()
     run(go())

@@ -238,3 +238,44 @@ def test_udp_tx_workload_streams_to_the_discard_port(tmp_path):
     (tx,) = json.loads(r.stdout)["net"]
     assert tx["mode"] == "udp-tx" and tx["frames"] > 1000
     assert tx["gbps"] == pytest.approx(tx["pps"] * 1000 * 8 / 1e9, rel=0.01)
+
+
+def _run_until_sigterm(config: str, tmp_path, after: float) -> dict:
+    """``simvirt run CONFIG --duration 120``, SIGTERM ``after`` s past its control socket; its JSON."""
+    ctl = str(tmp_path / "machine.ctl")
+    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", config, "--duration", "120", "--control", ctl,
+                             "--json", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: os.path.exists(ctl) or proc.poll() is not None, 30, "the machine control socket")
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(after)
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout)
+    assert out["stopped_early"] is True and out["ok"] is True
+    assert out["duration_s"] < 60            # the net job ended with the rest, not at its 120 s deadline
+    return out
+
+
+def test_sigterm_ends_the_default_machine_early_with_a_full_report(tmp_path):
+    """SIGTERM mid-run: every workload (disk, ping) stops, the disks are verified, the report
+    says it stopped early, and nothing counts as failed: pings in flight get their replies."""
+    out = _run_until_sigterm(MACHINE, tmp_path, after=3)     # past the prefill: disks and ping are running
+    (ping,) = out["net"]
+    assert "error" not in ping and ping["sent"] > 0 and ping["lost"] == 0
+    wl = {w["device"]: w for w in out["workloads"]}
+    assert wl["vda"]["verified"] is True and wl["vda"]["ios"] > 0
+    assert all(w["errors"] == 0 for w in wl.values())
+
+
+def test_sigterm_stops_a_udp_stream(tmp_path):
+    cfg = tmp_path / "udp.toml"
+    cfg.write_text('[machine]\nram = "64M"\n[[device]]\ntype = "net"\nname = "n"\n'
+                   '[[workload]]\ndevice = "n"\nmode = "udp-tx"\nframe_size = 1000\n')
+    (tx,) = _run_until_sigterm(str(cfg), tmp_path, after=1)["net"]
+    assert "error" not in tx and tx["frames"] > 1000
