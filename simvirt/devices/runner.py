@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Callable, Optional
 
 from simvirt import metrics
@@ -81,6 +82,17 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Non
 
     for sig in sigs:
         loop.add_signal_handler(sig, first)
+
+
+async def sleep_until(t: float, event: asyncio.Event) -> None:
+    """Sleep until monotonic time ``t``, or less if ``event`` is set meanwhile (a stop, a halt)."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=max(0.0, t - time.monotonic()))
+    finally:
+        waiter.cancel()
 
 
 PARENT_ENV = "SIMVIRT_PARENT_PID"

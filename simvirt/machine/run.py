@@ -23,7 +23,7 @@ from simvirt import metrics
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
 from simvirt.bench.procs import ChildExited, DeviceProcess, async_wait_for_path, free_port, stop_children
 from simvirt.bench.stats import percentiles_us
-from simvirt.devices.runner import install_uvloop, stop_on_signals
+from simvirt.devices.runner import install_uvloop, sleep_until, stop_on_signals
 from simvirt.drivers.blk import VirtioBlkDriver
 from simvirt.drivers.transport import VhostUserTransport
 from simvirt.control import ControlError, arequest, serve_control
@@ -293,15 +293,6 @@ def _progress_table(cfg: MachineConfig, runs: list[tuple[str, BlkWorkload]], ela
     return t
 
 
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
-    waiter = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([waiter], timeout=max(0.0, seconds))
-    finally:
-        waiter.cancel()
-
-
 async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float, stop: asyncio.Event) -> dict:
     """A net workload: pings to ``target`` or a UDP stream to its discard port, for ``duration``.
 
@@ -321,7 +312,7 @@ async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float, st
             else:
                 rtts.append(rtt)
             if wl.interval:
-                await _sleep_unless(stop, wl.interval)
+                await sleep_until(time.monotonic() + wl.interval, stop)
         return {"target": wl.target, "sent": seq, "lost": lost, "rtt_us": percentiles_us(rtts)}
     tx = TxRunner(StreamJob("udp-tx", "", wl.device, target=wl.target, frame_size=wl.frame_size), stack)
     halt = asyncio.ensure_future(stop.wait())
@@ -410,7 +401,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
             await asyncio.gather(*tasks)
         if not runs and (scripts or net_jobs) and not stop.is_set():
             # No disk workload sets the pace: the machine runs for its duration (or until stopped).
-            await _sleep_unless(stop, cfg.duration - (time.monotonic() - t0))
+            await sleep_until(t0 + cfg.duration, stop)
         net_results = []
         for wl, job in net_jobs:
             try:

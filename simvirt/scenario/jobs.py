@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from simvirt.bench.blk import BlkBenchOptions, BlkWorkload, prefill, readback
 from simvirt.bench.stats import LatencyHistogram, percentiles_us
 from simvirt.control import arequest
+from simvirt.devices.runner import sleep_until
 from simvirt.drivers.netstack import GuestStack
 from simvirt.memory import OutOfGuestMemory
 from simvirt.net.packets import ip_bytes, udp_frame
@@ -41,8 +42,7 @@ class JobRunner:
         self.started = 0.0
         self.ended: Optional[float] = None     # when the load stopped, if checks ran after it
         self.elapsed = 0.0
-        self.halted = False
-        self._halt: Optional[asyncio.Event] = None
+        self._halt = asyncio.Event()
 
     def halt(self) -> None:
         """End the load before its deadline (the run is being stopped, SIGINT/SIGTERM).
@@ -51,9 +51,11 @@ class JobRunner:
         so it winds down at its next step: requests in flight complete and
         verification still runs, which cancellation could not promise.
         """
-        self.halted = True
-        if self._halt is not None:
-            self._halt.set()
+        self._halt.set()
+
+    @property
+    def halted(self) -> bool:
+        return self._halt.is_set()
 
     def live(self, deadline: float) -> bool:
         """Keep going: before ``deadline`` and not halted."""
@@ -61,15 +63,7 @@ class JobRunner:
 
     async def until(self, t: float) -> None:
         """Sleep until monotonic time ``t``, or less if halted meanwhile."""
-        if self.halted:
-            return
-        if self._halt is None:
-            self._halt = asyncio.Event()
-        waiter = asyncio.ensure_future(self._halt.wait())
-        try:
-            await asyncio.wait([waiter], timeout=max(0.0, t - time.monotonic()))
-        finally:
-            waiter.cancel()
+        await sleep_until(t, self._halt)
 
     def latency(self) -> LatencyHistogram:
         return self.hist

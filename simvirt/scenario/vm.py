@@ -28,7 +28,7 @@ from rich.console import Console
 
 from simvirt import metrics
 from simvirt.control import ControlError, arequest, serve_control
-from simvirt.devices.runner import install_uvloop, watch_parent
+from simvirt.devices.runner import install_uvloop, sleep_until, watch_parent
 from simvirt.machine.config import MachineConfig
 from simvirt.machine.federate import machine_registry
 from simvirt.machine.run import Machine
@@ -75,13 +75,7 @@ class PhaseRun:
 
     async def _until(self, t: float) -> None:
         """Sleep until monotonic ``t``, or less if the phase is halted meanwhile."""
-        if self.halted.is_set():
-            return
-        waiter = asyncio.ensure_future(self.halted.wait())
-        try:
-            await asyncio.wait([waiter], timeout=max(0.0, t - time.monotonic()))
-        finally:
-            waiter.cancel()
+        await sleep_until(t, self.halted)
 
     def mine(self, items: list) -> list:
         return [x for x in items if x.vm == self.vm.spec.name]
