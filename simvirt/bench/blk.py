@@ -136,6 +136,7 @@ class BlkWorkload:
         self.busy: set[int] = set()
         self.written: set[int] = set()
         self.stop_at = 0
+        self.stopped = False
         self.inflight = 0
         self.done: Optional[asyncio.Future] = None
         self.zero = bytes(o.bs)
@@ -272,7 +273,15 @@ class BlkWorkload:
             self.gen[block] += 1
             self.written.add(block)
 
+    def stop(self) -> None:
+        """No new I/O from now on, even if :meth:`run` has not started yet: what is in flight
+        completes and retires (a run being interrupted)."""
+        self.stopped = True
+        self.stop_at = 0
+
     async def run(self, runtime: float) -> float:
+        if self.stopped:
+            return 0.0
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         t0 = time.perf_counter()

@@ -314,13 +314,8 @@ async def _net_job(stack: GuestStack, wl: NetWorkloadConfig, duration: float, st
             if wl.interval:
                 await sleep_until(time.monotonic() + wl.interval, stop)
         return {"target": wl.target, "sent": seq, "lost": lost, "rtt_us": percentiles_us(rtts)}
-    tx = TxRunner(StreamJob("udp-tx", "", wl.device, target=wl.target, frame_size=wl.frame_size), stack)
-    halt = asyncio.ensure_future(stop.wait())
-    halt.add_done_callback(lambda _f: tx.halt())
-    try:
-        await tx.run(deadline)
-    finally:
-        halt.cancel()
+    tx = TxRunner(StreamJob("udp-tx", "", wl.device, target=wl.target, frame_size=wl.frame_size), stack, halt=stop)
+    await tx.run(deadline)
     s = tx.detail()["stream"]
     return {"target": wl.target, "frames": s["frames"], "pps": s["pps"], "gbps": s["gbps"]}
 
@@ -397,7 +392,7 @@ async def run_machine(cfg: MachineConfig, *, metrics_port: Optional[int], progre
                 await asyncio.wait(tasks, timeout=0.5)
         if stop.is_set():
             for _, run in runs:
-                run.stop_at = 0
+                run.stop()
             await asyncio.gather(*tasks)
         if not runs and (scripts or net_jobs) and not stop.is_set():
             # No disk workload sets the pace: the machine runs for its duration (or until stopped).

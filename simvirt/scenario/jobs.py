@@ -33,7 +33,8 @@ class JobRunner:
 
     rate_unit = ""
 
-    def __init__(self, spec: Job) -> None:
+    def __init__(self, spec: Job, halt: Optional[asyncio.Event] = None) -> None:
+        """``halt``: a run-wide stop event to share (the machine's); by default the runner's own."""
         self.spec = spec
         self.ops = 0
         self.nbytes = 0
@@ -42,7 +43,7 @@ class JobRunner:
         self.started = 0.0
         self.ended: Optional[float] = None     # when the load stopped, if checks ran after it
         self.elapsed = 0.0
-        self._halt = asyncio.Event()
+        self._halt = halt if halt is not None else asyncio.Event()
 
     def halt(self) -> None:
         """End the load before its deadline (the run is being stopped, SIGINT/SIGTERM).
@@ -131,7 +132,7 @@ class BlkRunner(JobRunner):
     def halt(self) -> None:
         super().halt()
         for w in self.works:
-            w.stop_at = 0       # no new I/O; what is in flight completes
+            w.stop()
 
     def refresh(self) -> None:
         self.ops = sum(w.ios for w in self.works)
@@ -152,8 +153,7 @@ class BlkRunner(JobRunner):
                 await prefill(self.drv, w, w.o)
         runtime = max(0.0, min(self.runtime, deadline - time.monotonic()))
         self.started = time.monotonic()
-        if not self.halted:
-            await asyncio.gather(*(w.run(runtime) for w in self.works))
+        await asyncio.gather(*(w.run(runtime) for w in self.works))
         self.ended = time.monotonic()
         if spec.verify:
             bad = 0
@@ -237,8 +237,8 @@ class TxRunner(JobRunner):
 
     rate_unit = "pps"
 
-    def __init__(self, spec: StreamJob, stack: GuestStack) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: StreamJob, stack: GuestStack, halt: Optional[asyncio.Event] = None) -> None:
+        super().__init__(spec, halt)
         self.stack = stack
         self.ring_full = 0
 

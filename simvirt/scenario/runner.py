@@ -144,6 +144,14 @@ class ScenarioRun:
     def metric_targets(self) -> dict[str, str]:
         return {f"vm-{name}": f"http://127.0.0.1:{v.metrics_port}/metrics" for name, v in self.vms.items()}
 
+    async def run_phases(self, t0: float, live: Optional[Live], progress: Optional[Progress], done: list[dict]) -> None:
+        """Every phase in order until the run is interrupted, each result appended to ``done`` as it
+        ends (so a later phase's failure keeps the earlier ones)."""
+        for i in range(len(self.s.phases)):
+            if self.interrupted.is_set():
+                break
+            done.append(await self.run_phase(i, t0, live, progress))
+
     async def run_phase(self, index: int, t0: float, live: Optional[Live], progress: Optional[Progress]) -> dict:
         phase = self.s.phases[index]
         start = time.monotonic() + 0.1
@@ -256,13 +264,9 @@ async def run_scenario(scenario: Scenario, scenario_arg: str, *, scale: float = 
             prog = Progress(TextColumn("{task.description:>16}"), BarColumn(), TextColumn("{task.completed:>5.1f}/"
                             "{task.total:g} s"), TimeRemainingColumn(), console=console)
             with Live(run._live_view(prog, "-"), console=console, refresh_per_second=4) as live:
-                for i in range(len(scenario.phases)):
-                    if not run.interrupted.is_set():
-                        phases.append(await run.run_phase(i, t0, live, prog))
+                await run.run_phases(t0, live, prog, phases)
         else:
-            for i in range(len(scenario.phases)):
-                if not run.interrupted.is_set():
-                    phases.append(await run.run_phase(i, t0, None, None))
+            await run.run_phases(t0, None, None, phases)
         for v in run.vms.values():
             info = await v.request({"cmd": "info"})
             for vm in vms:

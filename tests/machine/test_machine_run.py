@@ -1,7 +1,9 @@
 """``simvirt run``: the embedded default machine and a small machine with a balloon and a control socket."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 import asyncio
 import json
 import os
@@ -100,16 +102,34 @@ def _wait(cond, timeout: float, what: str):
         time.sleep(0.05)
 
 
+@contextmanager
+def _machine(config: str, ctl: str, *args: str) -> Iterator[subprocess.Popen]:
+    """``simvirt run CONFIG --control CTL --json``, yielded once its control socket is up; killed if
+    the test leaves it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", config, "--control", ctl, "--json", "--no-progress",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: os.path.exists(ctl) or proc.poll() is not None, 30, "the machine control socket")
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _report(proc: subprocess.Popen, timeout: float) -> dict:
+    """Wait for the machine to end; it must exit 0 with its JSON report."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout)
+
+
 def test_small_machine_with_balloon_and_control_socket(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(CONFIG)
     ctl = str(tmp_path / "machine.ctl")
-    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", str(cfg), "--control", ctl, "--json", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait(lambda: os.path.exists(ctl) or proc.poll() is not None, 20, "the machine control socket")
-        assert proc.poll() is None, proc.stderr.read()
-
+    with _machine(str(cfg), ctl) as proc:
         # `simvirt ctl PATH info` lists the devices with their pids.
         r = simvirt("ctl", ctl, "info", "--json")
         assert r.returncode == 0, r.stderr
@@ -141,13 +161,7 @@ def test_small_machine_with_balloon_and_control_socket(tmp_path):
         free = request(ctl, {"cmd": "info"})["guest_free_bytes"]
         assert free <= 64 * MiB - 8192 * 4096
 
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout)
+        out = _report(proc, timeout=30)
     assert out["ok"] is True
     [w] = out["workloads"]
     assert w["device"] == "disk" and w["errors"] == 0 and w["verified"] is True
@@ -242,21 +256,10 @@ def test_udp_tx_workload_streams_to_the_discard_port(tmp_path):
 
 def _run_until_sigterm(config: str, tmp_path, after: float) -> dict:
     """``simvirt run CONFIG --duration 120``, SIGTERM ``after`` s past its control socket; its JSON."""
-    ctl = str(tmp_path / "machine.ctl")
-    proc = subprocess.Popen([sys.executable, "-m", "simvirt", "run", config, "--duration", "120", "--control", ctl,
-                             "--json", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait(lambda: os.path.exists(ctl) or proc.poll() is not None, 30, "the machine control socket")
-        assert proc.poll() is None, proc.stderr.read()
+    with _machine(config, str(tmp_path / "machine.ctl"), "--duration", "120") as proc:
         time.sleep(after)
         proc.terminate()
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout)
+        out = _report(proc, timeout=60)
     assert out["stopped_early"] is True and out["ok"] is True
     assert out["duration_s"] < 60            # the net job ended with the rest, not at its 120 s deadline
     return out
